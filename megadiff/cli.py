@@ -1,0 +1,70 @@
+"""megadiff train | export | info | make-tiny-model (thin: each command lives in its module)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def run_guarded(fn, args) -> int:
+    """User mistakes (ValueError) end in one line on stderr and exit code 2, no traceback."""
+    try:
+        fn(args)
+    except ValueError as e:
+        print(f"megadiff: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _make_tiny(args) -> None:
+    from megadiff.models.tiny import make_tiny_sd3
+
+    print(make_tiny_sd3(args.out_dir, seed=args.seed))
+
+
+def _export(args) -> None:
+    from megadiff.engine.export import export_run
+
+    print(export_run(args.run, args.to, step=args.step, dtype=args.dtype, overwrite=args.overwrite))
+
+
+def _info(args) -> None:
+    from megadiff.info import print_info
+
+    print_info(args.recipe, args.overrides, args.world_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megadiff.train import add_train_args
+
+    p = argparse.ArgumentParser(prog="megadiff", description="DeepSpeed trainer for SD3 / SD3.5")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train from a recipe (single process; use deepspeed for more)")
+    add_train_args(t)
+    m = sub.add_parser("make-tiny-model", help="write the tiny SD3 diffusers directory")
+    m.add_argument("out_dir")
+    m.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("export", help="write a diffusers directory from a run's checkpoint")
+    e.add_argument("--run", required=True, help="the run's output directory")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    e.add_argument("--to", required=True, help="new output directory")
+    e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    i = sub.add_parser("info", help="resolved config, DeepSpeed config, parameters and FLOPs")
+    i.add_argument("--recipe", required=True)
+    i.add_argument("--world-size", type=int, default=1)
+    i.add_argument("overrides", nargs="*")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from megadiff.train import run_train
+
+    args = build_parser().parse_args(argv)
+    handlers = {"train": run_train, "make-tiny-model": _make_tiny, "export": _export, "info": _info}
+    sys.exit(run_guarded(handlers[args.command], args))
+
+
+if __name__ == "__main__":
+    main()

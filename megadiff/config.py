@@ -1,0 +1,284 @@
+"""Typed run configuration: YAML recipes (shipped in `megadiff/recipes/`) plus dotted
+`key=value` overrides. Every user mistake is a one-line `ValueError` naming the key and the fix."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+SECRET_KEY = re.compile(r"(token|secret|password|api_key|apikey)", re.IGNORECASE)
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None               # local SD3/SD3.5 diffusers directory
+    precision: Literal["bf16", "fp32", "fp16"] = "bf16"
+    gradient_checkpointing: bool = False  # diffusers' non-reentrant checkpointing of MMDiT blocks
+    max_sequence_length: int = 256        # T5 tokens when megadiff encodes prompts itself
+
+
+@dataclass
+class DemoConfig:
+    enabled: bool = False                 # build a tiny model + synthetic shards in output_dir/demo
+    num_samples: int = 64
+
+
+@dataclass
+class DataConfig:
+    local: str | None = None              # shard directory (or streaming's local cache for remote)
+    remote: str | None = None             # shard location: a path on a shared filesystem or a URL
+    micro_batch_size: int = 1             # per rank, per forward
+    gradient_accumulation_steps: int = 1
+    global_batch_size: int | None = None  # if set, must equal micro x accumulation x world size
+    num_workers: int = 0
+    shuffle: bool = True
+    num_canonical_nodes: int | None = None  # fix it to resume on a different node count
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    schedule: Literal["constant", "cosine"] = "constant"   # both with linear warmup
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0             # cosine floor as a fraction of lr
+    grad_clip: float = 1.0                # 0 disables clipping
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "zero3"                 # a name in ds_configs/ or a path to a JSON file
+    zero_stage: int | None = None         # overrides the JSON's stage
+    offload_optimizer: bool | None = None
+    offload_param: bool | None = None
+
+
+@dataclass
+class FlowConfig:
+    timestep_sampling: Literal["logit_normal", "mode", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float = 3.0                    # SD3 resolution shift of sigma
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    log_interval: int = 10
+    save_interval: int = 500
+    sample_interval: int = 0              # 0: samples only at the end
+    keep_last: int = 0                    # 0 keeps every checkpoint
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
+    num_inference_steps: int = 28
+    guidance_scale: float = 1.0
+    resolution: int | None = None         # pixels; default: the training latents' size
+    seed: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "megadiff"
+    peak_tflops: float | None = None      # per device, for MFU; default from the device name
+    progress: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass
+class RunConfig:
+    recipe: str = ""
+    objectives: list[str] = field(default_factory=lambda: ["flow_matching"])
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check_batch(self, world_size: int) -> int:
+        """The global batch; raises if the configured one is inconsistent with the world size."""
+        d = self.data
+        derived = d.micro_batch_size * d.gradient_accumulation_steps * world_size
+        if d.global_batch_size is not None and d.global_batch_size != derived:
+            raise ValueError(
+                f"data.global_batch_size={d.global_batch_size} but data.micro_batch_size "
+                f"({d.micro_batch_size}) x data.gradient_accumulation_steps "
+                f"({d.gradient_accumulation_steps}) x world size ({world_size}) = {derived}: "
+                "make them agree or drop data.global_batch_size")
+        return derived
+
+    def to_dict(self, redact: bool = True) -> dict:
+        return _redact(dataclasses.asdict(self)) if redact else dataclasses.asdict(self)
+
+
+def _redact(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if SECRET_KEY.search(k) and v else _redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_redact(v) for v in obj]
+    return obj
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def _recipe_dict(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ValueError(f"recipe {name_or_path!r} does not exist: use one of "
+                         f"{', '.join(available_recipes())} or a path to a YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a mapping of config sections")
+    parent = raw.pop("inherit", None)
+    if parent is None:
+        return raw
+    if parent in seen:
+        raise ValueError(f"recipe {path} inherits itself through {parent!r}")
+    return _merge(_recipe_dict(parent, seen + (parent,)), raw)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value: write e.g. optim.lr=1e-5")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def load_config(recipe: str, overrides: list[str] = ()) -> RunConfig:
+    raw = _merge(_recipe_dict(recipe), parse_overrides(list(overrides)))
+    raw.setdefault("recipe", recipe)
+    cfg = _build(RunConfig, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"unknown config key {prefix}{unknown[0]}: valid keys here are "
+                         f"{', '.join(sorted(names))}")
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}={value!r} is not allowed: choose one of {', '.join(map(str, args))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"{key} must have {len(args)} items, got {value!r}")
+            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        inner = args[0] if args else Any
+        return origin(_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ValueError(f"{key}={value!r} has the wrong type: expected {tp.__name__}")
+    return value
+
+
+def _validate(cfg: RunConfig) -> None:
+    from megadiff.registry import OBJECTIVES
+
+    positive = {"data.micro_batch_size": cfg.data.micro_batch_size,
+                "data.gradient_accumulation_steps": cfg.data.gradient_accumulation_steps,
+                "train.max_steps": cfg.train.max_steps, "train.log_interval": cfg.train.log_interval,
+                "train.save_interval": cfg.train.save_interval,
+                "validation.num_inference_steps": cfg.validation.num_inference_steps}
+    for key, v in positive.items():
+        if v < 1:
+            raise ValueError(f"{key}={v} must be at least 1")
+    if cfg.optim.lr <= 0:
+        raise ValueError(f"optim.lr={cfg.optim.lr} must be positive")
+    if not cfg.objectives:
+        raise ValueError("objectives is empty: list at least one, e.g. objectives=[flow_matching]")
+    for name in cfg.objectives:
+        if name not in OBJECTIVES:
+            raise ValueError(f"objective {name!r} is unknown: choose from {', '.join(sorted(OBJECTIVES))}")
+    if not cfg.demo.enabled and cfg.model.path is None:
+        raise ValueError("model.path is not set: pass model.path=/path/to/sd3-diffusers-dir")
+    if not cfg.demo.enabled and cfg.data.local is None and cfg.data.remote is None:
+        raise ValueError("no training data: pass data.local=SHARD_DIR (or data.remote=...)")
+    if cfg.deepspeed.zero_stage not in (None, 0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3")

@@ -1,0 +1,42 @@
+"""One `deepspeed.initialize` per trainable network, each with its own optimizer, LR
+schedule and clipping (DESIGN.md section 3)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megadiff.config import OptimConfig
+from megadiff.engine.ds_config import offloads_optimizer
+
+
+def lr_lambda(optim: OptimConfig, max_steps: int):
+    """Linear warmup, then constant or cosine decay to `min_lr_ratio * lr`."""
+    def f(step: int) -> float:
+        if optim.warmup_steps and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        span = max(1, max_steps - optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / span)
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def build_engine(module: torch.nn.Module, ds_config: dict, optim: OptimConfig, max_steps: int):
+    """Wrap `module` in a DeepSpeed engine with AdamW and the configured LR schedule."""
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    assert params, "a trainable network has no trainable parameters"
+    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, max_steps))
+    if offloads_optimizer(ds_config):
+        optimizer = None          # DeepSpeed builds DeepSpeedCPUAdam from ds_config["optimizer"]
+    else:
+        # A client torch AdamW needs no C++ op build (DeepSpeed's FusedAdam would).
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                      weight_decay=optim.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params,
+                                           optimizer=optimizer, lr_scheduler=schedule,
+                                           config=ds_config)
+    return engine

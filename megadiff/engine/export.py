@@ -1,0 +1,73 @@
+"""Export a run's checkpoint as a diffusers directory that
+`StableDiffusion3Pipeline.from_pretrained(out)` loads unchanged.
+
+The trained transformer is consolidated from the ZeRO shards (fp32 master weights, DeepSpeed's
+`get_fp32_state_dict_from_zero_checkpoint`); every other component is copied byte for byte
+from the run's base model directory.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from megadiff.engine.checkpoint import tag_for
+from megadiff.engine.run_dir import RunDir
+from megadiff.models import sd3
+
+
+def consolidated_state_dict(run: RunDir, tag: str, net: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = run.tag_dir(tag)
+    if not (ckpt / net).is_dir():
+        raise ValueError(f"{ckpt} holds no {net!r} network: nothing to export")
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=net)
+
+
+def export_run(run_dir: str | Path, to: str | Path, step: int | None = None,
+               dtype: str = "fp32", overwrite: bool = False, net: str = "transformer") -> Path:
+    run = RunDir(run_dir)
+    if not run.args.is_file():
+        raise ValueError(f"{run.args} is missing: --run must be a megadiff output directory")
+    if step is None:
+        tag = run.latest_tag()
+        if tag is None:
+            raise ValueError(f"{run.root} has no complete checkpoint yet: train first or pass --step")
+    else:
+        tag = tag_for(step)
+        if not (run.tag_dir(tag) / "trainer_state.json").is_file():
+            have = sorted(p.name for p in run.checkpoints.glob("step-*"))
+            raise ValueError(f"{run.tag_dir(tag)} is not a complete checkpoint: choose one of {have}")
+    out = Path(to)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out} already exists and is not empty: pass --overwrite or a new --to")
+    args = json.loads(run.args.read_text())
+    base = sd3.check_sd3_dir(_base_model_path(run, args))
+    state = consolidated_state_dict(run, tag, net)
+    from diffusers import SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(base / "transformer"))
+    missing, unexpected = transformer.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {tag} does not match {base}/transformer "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("transformer"))
+    transformer.to(sd3.DTYPES[dtype]).save_pretrained(tmp / "transformer")
+    (tmp / "megadiff_export.json").write_text(json.dumps(
+        {"run": str(run.root.resolve()), "checkpoint": tag, "base_model": str(base), "dtype": dtype},
+        indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _base_model_path(run: RunDir, args: dict) -> Path:
+    if args.get("demo", {}).get("enabled"):
+        return run.root / "demo" / "model"
+    return Path(args["model"]["path"])

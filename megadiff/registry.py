@@ -1,0 +1,17 @@
+"""Name -> class for objectives; the trainer class is composed from a recipe's list."""
+from __future__ import annotations
+
+from megadiff.objectives.flow_matching import FlowMatching
+
+OBJECTIVES: dict[str, type] = {"flow_matching": FlowMatching}
+
+
+def compose_trainer(names: list[str]) -> type:
+    """`[a, b]` -> `type("Trainer", (B, A, BaseTrainer), {})`: later objectives wrap earlier ones."""
+    from megadiff.trainer import BaseTrainer
+
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown:
+        raise ValueError(f"objective {unknown[0]!r} is unknown: choose from {', '.join(sorted(OBJECTIVES))}")
+    bases = tuple(OBJECTIVES[n] for n in reversed(names)) + (BaseTrainer,)
+    return type("Trainer", bases, {})

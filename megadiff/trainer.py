@@ -1,0 +1,280 @@
+"""The generic training loop. Objectives (mixins in `megadiff/objectives/`) supply the
+networks, which of them step on an iteration, and the loss terms; this class builds the
+engines, data, logging and checkpointing around them and runs the loop."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megadiff import flops, sampling
+from megadiff.config import RunConfig
+from megadiff.data.dataset import make_train_loader, read_shard_info
+from megadiff.engine import checkpoint
+from megadiff.engine.dist_env import setup_dist_env
+from megadiff.engine.ds_config import build_ds_config
+from megadiff.engine.engines import build_engine
+from megadiff.engine.run_dir import RunDir
+from megadiff.logger import MetricsLogger, device_peak_tflops, memory_mb, progress_bar
+from megadiff.models import sd3
+from megadiff.objectives.base import NetSpec, Objective
+from megadiff import validation
+
+
+class BaseTrainer(Objective):
+    def __init__(self, cfg: RunConfig, output_dir: str | Path, resume: bool = False):
+        self.cfg = cfg
+        self.run = RunDir(output_dir)
+        self.dist_env = setup_dist_env()
+        self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
+        self.global_batch = cfg.check_batch(self.world_size)
+        self.resuming = self.run.check_can_start(cfg.to_dict(), resume)
+        self._init_distributed()
+        if cfg.demo.enabled:
+            self._prepare_demo()
+        self.model_path = sd3.check_sd3_dir(cfg.model.path)
+        self.transformer_config = sd3.transformer_config(self.model_path)
+        self.shards = read_shard_info(cfg.data)
+        self._check_shards_fit_model()
+        if self.rank == 0:
+            self.run.make()
+            self.run.args.write_text(json.dumps(cfg.to_dict(), indent=1))
+        torch.manual_seed(cfg.seed * 1000 + self.rank)
+        self.noise_rng = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        self.device = torch.device(_device_name())
+        self.ds_config = build_ds_config(cfg, self.world_size)
+        self.compute_dtype = sd3.DTYPES[cfg.model.precision]
+        self.specs = self.networks()
+        self.engines: dict[str, object] = {}
+        self.frozen: dict[str, torch.nn.Module] = {}
+        for name, spec in self.specs.items():
+            module = self.build_network(name, spec)
+            if spec.trainable:
+                self.engines[name] = build_engine(module, self.ds_config, cfg.optim, cfg.train.max_steps)
+            else:
+                self.frozen[name] = module.to(self.device, self.compute_dtype).eval().requires_grad_(False)
+        self.loader = make_train_loader(cfg.data, cfg.seed)
+        self._data_iter = None
+        self.step, self.consumed_samples, self.skipped = 0, 0, 0
+        if self.resuming:
+            self._resume()
+        self.logger = MetricsLogger(self.run.loss_logs, self.run.log, cfg.to_dict(), self.rank,
+                                    cfg.logging.wandb_mode, cfg.logging.wandb_project,
+                                    self.run.root.name)
+        self.val_embeds = validation.prompt_embeddings(self, cfg.validation.prompts)
+
+    # ---- construction ---------------------------------------------------------------------
+    def _init_distributed(self) -> None:
+        import deepspeed
+
+        if not dist.is_initialized():
+            deepspeed.init_distributed(verbose=False)
+
+    def _prepare_demo(self) -> None:
+        """Tiny model + synthetic shards under output_dir/demo (rank 0 builds, others wait)."""
+        from megadiff.data.synthetic import shape_samples
+        from megadiff.data.writer import write_train_shards
+        from megadiff.models.tiny import TINY_RESOLUTION, TINY_T5_MAX_LENGTH, make_tiny_sd3
+
+        demo = self.run.root / "demo"
+        model_dir, shard_dir = demo / "model", demo / "shards"
+        if self.rank == 0:
+            if not (model_dir / "model_index.json").is_file():
+                _clear(model_dir)
+                make_tiny_sd3(model_dir, seed=self.cfg.seed)
+            if not (shard_dir / "index.json").is_file():
+                write_train_shards(shard_dir, shape_samples(self.cfg.demo.num_samples, TINY_RESOLUTION,
+                                                            self.cfg.seed),
+                                   model_dir, TINY_RESOLUTION, TINY_T5_MAX_LENGTH, seed=self.cfg.seed)
+        _barrier()
+        self.cfg.model.path = str(model_dir)
+        self.cfg.model.max_sequence_length = TINY_T5_MAX_LENGTH
+        self.cfg.data.local, self.cfg.data.remote = str(shard_dir), None
+
+    def _check_shards_fit_model(self) -> None:
+        if self.shards is None:
+            return
+        tc, info = self.transformer_config, self.shards
+        c, h, w = info.latent_shape
+        where = self.cfg.data.remote or self.cfg.data.local
+        problems = []
+        if c != tc["in_channels"]:
+            problems.append(f"latents have {c} channels, the transformer takes {tc['in_channels']}")
+        p, max_patches = tc["patch_size"], tc.get("pos_embed_max_size") or 0
+        if h % p or w % p:
+            problems.append(f"latent size {h}x{w} is not a multiple of the patch size {p}")
+        elif max_patches and max(h, w) // p > max_patches:
+            problems.append(f"latent size {h}x{w} exceeds the transformer's position grid "
+                            f"({max_patches * p} latent pixels)")
+        if info.text_dim != tc["joint_attention_dim"]:
+            problems.append(f"text embeddings are {info.text_dim}-wide, the transformer takes "
+                            f"{tc['joint_attention_dim']}")
+        if info.pooled_dim != tc["pooled_projection_dim"]:
+            problems.append(f"pooled embeddings are {info.pooled_dim}-wide, the transformer takes "
+                            f"{tc['pooled_projection_dim']}")
+        if problems:
+            raise ValueError(f"shards in {where} do not fit {self.model_path}: {problems[0]}; "
+                             "rebuild the shards with this model (`megadiff data build --model ...`)")
+
+    def build_network(self, name: str, spec: NetSpec) -> torch.nn.Module:
+        """Load a network's weights; objectives with other sources override this."""
+        if spec.init != "model":
+            raise ValueError(f"network {name!r} wants init={spec.init!r}, which no objective builds")
+        # Loaded in fp32: DeepSpeed keeps fp32 master weights and casts the module for bf16.
+        module = sd3.load_transformer(self.model_path, torch.float32)
+        if self.cfg.model.gradient_checkpointing:
+            module.enable_gradient_checkpointing()
+        return module
+
+    # ---- the pieces objectives call --------------------------------------------------------
+    def forward_net(self, net: str, x_t: torch.Tensor, sigma: torch.Tensor, batch: dict,
+                    prompt_embeds: torch.Tensor | None = None, pooled: torch.Tensor | None = None):
+        """Velocity prediction of network `net` at noise level `sigma` (fp32 out)."""
+        module = self.engines.get(net) or self.frozen[net]
+        dt = self.compute_dtype
+        emb = batch["prompt_embeds"] if prompt_embeds is None else prompt_embeds
+        pool = batch["pooled_prompt_embeds"] if pooled is None else pooled
+        out = module(hidden_states=x_t.to(self.device, dt), encoder_hidden_states=emb.to(self.device, dt),
+                     pooled_projections=pool.to(self.device, dt),
+                     timestep=(sigma * 1000).to(self.device, torch.float32), return_dict=False)[0]
+        return out.float()
+
+    def next_batch(self) -> dict:
+        if self._data_iter is None:
+            self._data_iter = iter(self.loader)
+        try:
+            batch = next(self._data_iter)
+        except StopIteration:          # next epoch
+            self._data_iter = iter(self.loader)
+            batch = next(self._data_iter)
+        return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def flops_per_iteration(self) -> float:
+        """Model FLOPs one rank spends per iteration (MMDiT forward+backward per sample)."""
+        if self.shards is None:
+            return 0.0
+        _, h, w = self.shards.latent_shape
+        per_sample = flops.model_flops_per_sample(self.transformer_config, h, w, self.shards.text_seq_len,
+                                                  self.cfg.model.gradient_checkpointing)
+        nets = len(self.steps_this_iteration(self.step))
+        return per_sample * nets * self.cfg.data.micro_batch_size * self.cfg.data.gradient_accumulation_steps
+
+    def sample_latents(self, noise: torch.Tensor, embeds: dict) -> torch.Tensor:
+        """Validation sampling; objectives with a few-step generator override this."""
+        v = self.cfg.validation
+        return sampling.euler_sample(
+            self.engines["transformer"], noise.to(self.device), embeds["embeds"], embeds["pooled"],
+            v.num_inference_steps, self.cfg.flow.shift, v.guidance_scale,
+            embeds["neg_embeds"].expand_as(embeds["embeds"]),
+            embeds["neg_pooled"].expand_as(embeds["pooled"]), self.compute_dtype)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def fit(self) -> None:
+        cfg = self.cfg.train
+        if self.rank == 0:
+            self.logger.text(f"training {type(self).__mro__[1].__name__} on {self.world_size} rank(s), "
+                             f"global batch {self.global_batch}, from step {self.step} to {cfg.max_steps}")
+        bar = progress_bar(cfg.max_steps, self.step, self.cfg.logging.progress, self.rank)
+        acc: dict[str, float] = {}
+        grad_norms: dict[str, float] = {}
+        n_acc, t_interval = 0, time.perf_counter()
+        peak = device_peak_tflops(self.cfg.logging.peak_tflops)
+        while self.step < cfg.max_steps:
+            for net in self.steps_this_iteration(self.step):
+                engine = self.engines[net]
+                for _ in range(self.cfg.data.gradient_accumulation_steps):
+                    terms = self.loss_terms(net, self.next_batch(), self.step)
+                    assert terms, f"no loss terms for network {net} at step {self.step}"
+                    engine.backward(sum(terms.values()))
+                    engine.step()
+                    for k, v in terms.items():
+                        acc[f"loss/{k}"] = acc.get(f"loss/{k}", 0.0) + float(v.detach()) / \
+                            self.cfg.data.gradient_accumulation_steps
+                norm = engine.get_global_grad_norm()
+                grad_norms[f"grad_norm/{net}"] = float(norm) if norm is not None else float("nan")
+                if engine.skipped_steps:
+                    self.skipped = sum(e.skipped_steps for e in self.engines.values())
+            self.step += 1
+            self.consumed_samples += self.global_batch
+            n_acc += 1
+            if bar is not None:
+                bar.update(1)
+            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                elapsed = time.perf_counter() - t_interval
+                self._log(acc, n_acc, grad_norms, elapsed, peak)
+                acc, n_acc, t_interval = {}, 0, time.perf_counter()
+            if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps:
+                self.save()
+            if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.step != cfg.max_steps:
+                validation.write_samples(self)
+        if bar is not None:
+            bar.close()
+        validation.write_samples(self)
+        self.logger.close()
+
+    def _log(self, acc: dict, n: int, grad_norms: dict, elapsed: float, peak: float | None) -> None:
+        keys = sorted(acc)
+        vals = torch.tensor([acc[k] / n for k in keys], dtype=torch.float64)
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(vals)
+            vals /= self.world_size
+        ms = 1000 * elapsed / n
+        tflops = self.flops_per_iteration() / (ms / 1000) / 1e12
+        rec = {"iteration": self.step, "max_steps": self.cfg.train.max_steps,
+               "consumed_samples": self.consumed_samples, "ms_per_iteration": ms}
+        rec |= {f"lr/{name}": e.get_lr()[0] for name, e in self.engines.items()}
+        rec |= dict(zip(keys, vals.tolist())) | grad_norms
+        rec |= {"skipped_iterations": self.skipped, "tflops_per_device": tflops,
+                "mfu": tflops / peak if peak else None, "memory_mb": memory_mb()}
+        if any(not math.isfinite(v) for k, v in rec.items() if k.startswith("loss/")):
+            rec["nonfinite_loss"] = True
+        self.logger.log(rec)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "consumed_samples": self.consumed_samples,
+                "skipped": self.skipped, "world_size": self.world_size,
+                "global_batch": self.global_batch, "networks": sorted(self.engines),
+                "data": self.loader.state_dict()}
+
+    def save(self) -> str:
+        tag = checkpoint.save(self.run, self.engines, self.trainer_state(),
+                              checkpoint.capture_rng(self.noise_rng), self.rank,
+                              self.cfg.train.keep_last)
+        self.logger.text(f"saved checkpoint {self.run.tag_dir(tag)}")
+        return tag
+
+    def _resume(self) -> None:
+        state, rng = checkpoint.load(self.run, self.engines, self.rank)
+        if state["global_batch"] != self.global_batch:
+            raise ValueError(f"the checkpoint was trained with global batch {state['global_batch']}, "
+                             f"this run has {self.global_batch}: keep the global batch when resuming")
+        self.step, self.consumed_samples = state["step"], state["consumed_samples"]
+        self.skipped = state["skipped"]
+        self.loader.load_state_dict(state["data"])
+        if rng is not None:
+            checkpoint.restore_rng(rng, self.noise_rng)
+        else:   # another rank count: RNG streams cannot carry over, so re-seed by step
+            torch.manual_seed(self.cfg.seed * 1000 + self.rank + 7919 * self.step)
+            self.noise_rng.manual_seed(self.cfg.seed * 1000 + self.rank + 7919 * self.step)
+
+
+def _device_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _clear(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
