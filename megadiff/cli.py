@@ -1,4 +1,5 @@
-"""megadiff train | export | info | make-tiny-model (thin: each command lives in its module)."""
+"""megadiff train | export | info | make-tiny-model | data | bench (thin: each command lives
+in its own module)."""
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--recipe", required=True)
     i.add_argument("--world-size", type=int, default=1)
     i.add_argument("overrides", nargs="*")
+    for name in EXTENSIONS:
+        add = _extension(name)
+        if add is not None:
+            add(sub)
     return p
+
+
+# Subcommand modules that register themselves: `add_parser(sub)` adds the parser and sets
+# `handler=fn(args)` as a default.
+EXTENSIONS = ("megadiff.data_cli", "megadiff.bench.cli")
+
+
+def _extension(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module).add_parser
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            return None
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
 
     args = build_parser().parse_args(argv)
     handlers = {"train": run_train, "make-tiny-model": _make_tiny, "export": _export, "info": _info}
-    sys.exit(run_guarded(handlers[args.command], args))
+    handler = getattr(args, "handler", None) or handlers[args.command]
+    sys.exit(run_guarded(handler, args))
 
 
 if __name__ == "__main__":

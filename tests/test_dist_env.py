@@ -271,16 +271,20 @@ def test_inconsistent_input_raises_one_line(src: dict[str, str], message: str) -
 # --- the real thing: streaming sees the layout the DeepSpeed launcher meant ----------------
 
 STREAMING_PROBE = """
-import json, os
+import json, os, sys
 from streaming.base.world import World
-before = World.detect()
 from megadiff.engine.dist_env import setup_dist_env
-env = setup_dist_env()
-after = World.detect()
-print(json.dumps({"launcher": env.launcher, "lws": os.environ["LOCAL_WORLD_SIZE"],
-                  "before_nodes": before.num_nodes, "nodes": after.num_nodes,
-                  "ranks": after.num_ranks, "ranks_per_node": after.ranks_per_node,
-                  "rank": after.rank, "node": after.node}))
+for layout in json.loads(sys.argv[1]):  # one fresh set of launcher variables per layout
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        os.environ.pop(name, None)
+    os.environ.update(layout)
+    before = World.detect()
+    env = setup_dist_env()
+    after = World.detect()
+    print(json.dumps({"launcher": env.launcher, "lws": os.environ["LOCAL_WORLD_SIZE"],
+                      "before_nodes": before.num_nodes, "nodes": after.num_nodes,
+                      "ranks": after.num_ranks, "ranks_per_node": after.ranks_per_node,
+                      "rank": after.rank, "node": after.node}))
 """
 
 
@@ -290,24 +294,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.parametrize("rank, local_rank, world, local, expected", [
-    # What `deepspeed train.py` sets on a 1-GPU box; streaming must see 1 rank on 1 node.
-    (0, 0, 1, 1, {"nodes": 1, "ranks": 1, "ranks_per_node": 1, "rank": 0, "node": 0,
-                  "before_nodes": 1}),
-    # 2 nodes x 4: without the LOCAL_SIZE -> LOCAL_WORLD_SIZE bridge streaming sees 8 nodes.
-    (5, 1, 8, 4, {"nodes": 2, "ranks": 8, "ranks_per_node": 4, "rank": 5, "node": 1,
-                  "before_nodes": 8}),
-])
-def test_streaming_world_after_setup(rank: int, local_rank: int, world: int, local: int,
-                                     expected: dict[str, int]) -> None:
+def _deepspeed_vars(rank: int, local_rank: int, world: int, local: int, port: int) -> dict[str, str]:
+    """What deepspeed.launcher.launch exports (no LOCAL_WORLD_SIZE)."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world),
+            "LOCAL_SIZE": str(local), "CROSS_RANK": str(rank // local),
+            "CROSS_SIZE": str(world // local), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def test_streaming_world_after_setup_in_a_real_process() -> None:
+    port = _free_port()
+    layouts = [
+        _deepspeed_vars(0, 0, 1, 1, port),  # `deepspeed train.py` on a 1-GPU box
+        _deepspeed_vars(5, 1, 8, 4, port),  # rank 5 of 2 nodes x 4 GPUs
+    ]
     env = {k: v for k, v in os.environ.items()
            if k not in ENV_VARS and not k.startswith(ENV_PREFIXES)}
-    env.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
-               LOCAL_SIZE=str(local), CROSS_RANK=str(rank // local), CROSS_SIZE=str(world // local),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", STREAMING_PROBE], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", STREAMING_PROBE, json.dumps(layouts)], env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"launcher": "deepspeed", "lws": str(local), **expected}
+    single, multi = (json.loads(line) for line in out.stdout.strip().splitlines()[-2:])
+    assert single == {"launcher": "deepspeed", "lws": "1", "before_nodes": 1, "nodes": 1,
+                      "ranks": 1, "ranks_per_node": 1, "rank": 0, "node": 0}
+    # Without the LOCAL_SIZE -> LOCAL_WORLD_SIZE bridge streaming took each rank for a node.
+    assert multi == {"launcher": "deepspeed", "lws": "4", "before_nodes": 8, "nodes": 2,
+                     "ranks": 8, "ranks_per_node": 4, "rank": 5, "node": 1}
