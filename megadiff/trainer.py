@@ -33,13 +33,12 @@ class BaseTrainer(Objective):
         self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
         self.global_batch = cfg.check_batch(self.world_size)
         self.resuming = self.run.check_can_start(cfg.to_dict(), resume)
+        if not cfg.demo.enabled:       # fail on bad paths before any process group exists
+            self._check_inputs()
         self._init_distributed()
         if cfg.demo.enabled:
             self._prepare_demo()
-        self.model_path = sd3.check_sd3_dir(cfg.model.path)
-        self.transformer_config = sd3.transformer_config(self.model_path)
-        self.shards = read_shard_info(cfg.data)
-        self._check_shards_fit_model()
+            self._check_inputs()
         if self.rank == 0:
             self.run.make()
             self.run.args.write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -94,6 +93,12 @@ class BaseTrainer(Objective):
         self.cfg.model.path = str(model_dir)
         self.cfg.model.max_sequence_length = TINY_T5_MAX_LENGTH
         self.cfg.data.local, self.cfg.data.remote = str(shard_dir), None
+
+    def _check_inputs(self) -> None:
+        self.model_path = sd3.check_sd3_dir(self.cfg.model.path)
+        self.transformer_config = sd3.transformer_config(self.model_path)
+        self.shards = read_shard_info(self.cfg.data)
+        self._check_shards_fit_model()
 
     def _check_shards_fit_model(self) -> None:
         if self.shards is None:

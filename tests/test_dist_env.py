@@ -258,7 +258,7 @@ def test_parse_slurm_tasks_per_node_rejects(text: str) -> None:
     ({**SLURM, "SLURM_STEP_NODELIST": "gpu[001-004"}, r"SLURM_STEP_NODELIST='gpu\[001-004' cannot be parsed"),
     ({k: v for k, v in TORCHRUN.items() if k != "LOCAL_WORLD_SIZE"}, r"LOCAL_WORLD_SIZE or LOCAL_SIZE is not set"),
     ({"RANK": "1", "WORLD_SIZE": "4"}, r"LOCAL_RANK is not set"),
-    ({"PMI_RANK": "1", "PMI_SIZE": "4"}, r"PMI_RANK is set but no local rank"),
+    ({"PMI_RANK": "1", "PMI_SIZE": "4"}, r"PMI_RANK is set but none of PMI_LOCAL_RANK.*export RANK"),
     ({"PBS_NODEFILE": "/nonexistent/nodefile", **{k: v for k, v in PALS.items() if k != "PBS_NODEFILE"}},
      r"PBS_NODEFILE='/nonexistent/nodefile' is unreadable"),
 ])

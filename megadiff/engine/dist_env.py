@@ -263,10 +263,12 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
         if layout is not None:
             break
     if layout is None:
-        if _first(env, _PMI_RANK) is not None:  # e.g. a PMI without local ranks, outside srun
-            raise ValueError(f"{_first(env, _PMI_RANK)} is set but no local rank ({', '.join(_PMI_LOCAL_RANK)}); "
-                             "export RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE per rank")
-        layout = ("single", ("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("LOCAL_WORLD_SIZE", 1))
+        pmi = _first(env, _PMI_RANK)  # a PMI without local ranks, outside an srun step
+        if pmi is not None:
+            raise ValueError(f"{pmi} is set but none of {', '.join(_PMI_LOCAL_RANK)}; export "
+                             "RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE for every rank")
+        layout = ("single", ("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0),
+                  ("LOCAL_WORLD_SIZE", 1))
     launcher, rank, world, local_rank, local_size = layout
     _check(launcher, rank, world, local_rank, local_size)
     # Whatever env:// variables are already set must agree (a stale RANK would split the job).
@@ -288,7 +290,7 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
 
 
 def apply(env: DistEnv, environ: MutableMapping[str, str] | None = None) -> None:
-    """Write the env:// variables (and DeepSpeed's LOCAL_SIZE) into ``environ`` (default os.environ)."""
+    """Write the env:// variables and DeepSpeed's LOCAL_SIZE into ``environ`` (or os.environ)."""
     target = os.environ if environ is None else environ
     target.update({
         "RANK": str(env.rank), "LOCAL_RANK": str(env.local_rank),
