@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -220,6 +221,15 @@ class BaseTrainer(Objective):
             bar.close()
         validation.write_samples(self)
         self.logger.close()
+        self._release_shm()
+
+    def _release_shm(self) -> None:
+        """DeepSpeed's CPU shm all-reduce never unlinks its ~66 MB /dev/shm buffer; once every
+        rank is done with the others' buffers, each removes its own name (the mapping lives on)."""
+        _barrier()
+        name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{self.dist_env.master_addr}_"
+                f"{self.dist_env.master_port}_{self.rank}")
+        Path("/dev/shm", name).unlink(missing_ok=True)
 
     def _log(self, acc: dict, n: int, grad_norms: dict, elapsed: float, peak: float | None) -> None:
         keys = sorted(acc)

@@ -33,6 +33,16 @@ def tiny_shards(tmp_path_factory, tiny_model) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _remove_deepspeed_shm_buffers():
+    """DeepSpeed's CPU shm all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_* (~66 MB per
+    rank) behind, above all when a test kills a run: remove the ones this session made."""
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    yield
+    for path in set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before:
+        path.unlink(missing_ok=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
