@@ -40,7 +40,7 @@ def format_line(rec: dict) -> str:
     parts += [f"{k}: {v:.6E}" for k, v in rec.items() if k.startswith("loss/")]
     parts += [f"{k}: {v:.3f}" for k, v in rec.items() if k.startswith("grad_norm/")]
     parts.append(f"skipped iterations: {rec['skipped_iterations']:3d}")
-    parts.append(f"TFLOP/s/device: {rec['tflops_per_device']:.2f}")
+    parts.append(f"TFLOP/s/device: {rec['tflops_per_device']:.4g}")
     mfu = rec.get("mfu")
     parts.append(f"MFU: {mfu * 100:.1f}%" if mfu is not None else "MFU: n/a")
     parts.append(f"mem (MB): {rec['memory_mb']:.0f}")
