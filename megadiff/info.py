@@ -41,8 +41,15 @@ def print_info(recipe: str, overrides: list[str], world_size: int = 1) -> None:
     fwd = flops.mmdit_forward_flops(tc, side, side, seq).forward
     train = flops.model_flops_per_sample(tc, side, side, seq, cfg.model.gradient_checkpointing)
     print("\n# model")
-    print(f"transformer parameters: {n:,} ({n / 1e9:.3f} B)")
-    print(f"model-state memory per rank (16 bytes/param/N, ZeRO-3 ideal): {16 * n / world_size / 2**30:.2f} GiB")
-    print(f"FLOPs per sample at {res}px, {seq} text tokens: forward {fwd / 1e12:.3f} TFLOP, "
-          f"training step {train / 1e12:.3f} TFLOP"
+    print(f"transformer parameters: {n:,} ({_si(n)})")
+    print(f"model-state bytes per rank (16 bytes/param/N, ZeRO-3 ideal): {_si(16 * n / world_size, 'B')}")
+    print(f"FLOPs per sample at {res}px, {seq} text tokens: forward {_si(fwd, 'FLOP')}, "
+          f"training step {_si(train, 'FLOP')}"
           f"{' (with activation recompute)' if cfg.model.gradient_checkpointing else ''}")
+
+
+def _si(x: float, unit: str = "") -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:.3f} {prefix}{unit}"
+    return f"{x:.0f} {unit}".rstrip()
