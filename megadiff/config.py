@@ -107,6 +107,9 @@ class RunConfig:
     demo: DemoConfig = field(default_factory=DemoConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # Per-network changes to `optim`, e.g. {fake_score: {lr: 2.0e-6}}; each trainable network
+    # has its own DeepSpeed engine, optimizer and schedule.
+    optim_nets: dict[str, dict] = field(default_factory=dict)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -124,6 +127,11 @@ class RunConfig:
                 f"({d.gradient_accumulation_steps}) x world size ({world_size}) = {derived}: "
                 "make them agree or drop data.global_batch_size")
         return derived
+
+    def optim_for(self, net: str) -> OptimConfig:
+        over = self.optim_nets.get(net, {})
+        base = dataclasses.asdict(self.optim) | dict(over)
+        return _build(OptimConfig, base, f"optim_nets.{net}.")
 
     def to_dict(self, redact: bool = True) -> dict:
         return _redact(dataclasses.asdict(self)) if redact else dataclasses.asdict(self)
@@ -274,8 +282,10 @@ def _validate(cfg: RunConfig) -> None:
     for key, v in positive.items():
         if v < 1:
             raise ValueError(f"{key}={v} must be at least 1")
-    if cfg.optim.lr <= 0:
-        raise ValueError(f"optim.lr={cfg.optim.lr} must be positive")
+    for net in ("", *cfg.optim_nets):
+        optim = cfg.optim_for(net) if net else cfg.optim
+        if optim.lr <= 0:
+            raise ValueError(f"{'optim_nets.' + net if net else 'optim'}.lr={optim.lr} must be positive")
     if not cfg.objectives:
         raise ValueError("objectives is empty: list at least one, e.g. objectives=[flow_matching]")
     for name in cfg.objectives:

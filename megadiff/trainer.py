@@ -18,7 +18,7 @@ from megadiff.data.dataset import make_train_loader, read_shard_info
 from megadiff.engine import checkpoint
 from megadiff.engine.dist_env import setup_dist_env
 from megadiff.engine.ds_config import build_ds_config
-from megadiff.engine.engines import build_engine
+from megadiff.engine.engines import build_engine, build_frozen
 from megadiff.engine.run_dir import RunDir
 from megadiff.logger import MetricsLogger, device_peak_tflops, memory_mb, progress_bar
 from megadiff.models import sd3
@@ -54,9 +54,10 @@ class BaseTrainer(Objective):
         for name, spec in self.specs.items():
             module = self.build_network(name, spec)
             if spec.trainable:
-                self.engines[name] = build_engine(module, self.ds_config, cfg.optim, cfg.train.max_steps)
+                self.engines[name] = build_engine(module, self.ds_config, cfg.optim_for(name),
+                                                  cfg.train.max_steps)
             else:
-                self.frozen[name] = module.to(self.device, self.compute_dtype).eval().requires_grad_(False)
+                self.frozen[name] = build_frozen(module, self.ds_config, self.device, self.compute_dtype)
         self.loader = make_train_loader(cfg.data, cfg.seed)
         self._data_iter = None
         self.step, self.consumed_samples, self.skipped = 0, 0, 0

@@ -40,3 +40,22 @@ def build_engine(module: torch.nn.Module, ds_config: dict, optim: OptimConfig, m
                                            optimizer=optimizer, lr_scheduler=schedule,
                                            config=ds_config)
     return engine
+
+
+def build_frozen(module: torch.nn.Module, ds_config: dict, device: torch.device, dtype: torch.dtype):
+    """A network that is never optimised (teacher, reference, reward tower). Under ZeRO-3 it is
+    partitioned like the trainable ones (an inference-only engine, no optimizer, no state in
+    checkpoints) so it does not cost a full replica per rank; otherwise it is replicated in
+    the compute dtype."""
+    import deepspeed
+
+    module.eval().requires_grad_(False)
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        return module.to(device, dtype)
+    frozen_cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    zero = dict(frozen_cfg["zero_optimization"])
+    zero.pop("offload_optimizer", None)
+    frozen_cfg["zero_optimization"] = zero
+    engine, _, _, _ = deepspeed.initialize(model=module, config=frozen_cfg)
+    engine.eval()
+    return engine
