@@ -79,6 +79,7 @@ class TrainConfig:
     save_interval: int = 500
     sample_interval: int = 0              # 0: samples only at the end
     keep_last: int = 0                    # 0 keeps every checkpoint
+    log_samples: bool = False             # record each step's sample indices per rank
 
 
 @dataclass
@@ -99,6 +100,62 @@ class LoggingConfig:
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = 64
+    alpha: float = 128.0
+    dropout: float = 0.0
+    targets: list[str] | None = None      # peft target_modules; default: MMDiT attention + MLPs
+
+
+@dataclass
+class GeneratorConfig:
+    num_steps: int = 1                    # few-step schedule length (1-4 in DMD2)
+    sigmas: list[float] | None = None     # conditioning noise levels, decreasing; default SD3 grid
+    shift: float | None = None            # resolution shift of the default grid (None: flow.shift)
+    backward_simulation: bool = True      # inputs from the generator's own schedule, else data
+
+
+@dataclass
+class GANConfig:
+    enabled: bool = False                 # discriminator head on the fake score's features
+    block: int | None = None              # MMDiT block feeding the head (None: the middle one)
+    head_channels: int = 256
+    gen_weight: float = 5.0e-3            # softplus(-D(fake)) in the generator loss
+    disc_weight: float = 1.0e-2           # softplus(D(fake)) + softplus(-D(real)) in the fake score's
+    sigma_max: float = 0.0                # 0: D sees clean latents (DMD2); >0: noised, sigma ~ U[0, max]
+
+
+@dataclass
+class DMDConfig:
+    loss: Literal["dmd2", "ddmd"] = "dmd2"    # DMD2 distribution matching, or Decoupled DMD
+    divergence: Literal["reverse_kl", "forward_kl", "js"] = "reverse_kl"   # f-divergence weighting
+    fdiv_normalization: Literal["timestep", "batch", "none"] = "timestep"
+    fdiv_logit_clamp: float = 10.0
+    real_guidance_scale: float = 7.0      # CFG scale of the real score
+    guidance_jitter: float = 0.0          # scale drawn from U[scale - j, scale + j] per micro-step
+    sigma_min: float = 0.02               # DM re-noising range (DMD2: t ~ U[0.02, 0.98])
+    sigma_max: float = 0.98
+    timestep_shift: float = 1.0           # SD3 shift applied to the DM re-noising levels
+    ca_schedule: Literal["below_input", "full"] = "below_input"   # Decoupled DMD's CA range
+    dm_weight: float = 1.0
+    ca_weight: float = 1.0
+    update_ratio: int = 5                 # fake-score steps per generator step (DMD2: 5 or 10)
+    cold_start_steps: int = 0             # DMD only for this many steps; later objectives wait
+    teacher_steps: int = 28               # the teacher's own sampling steps (sample CLI, checks)
+    real_score: Literal["teacher", "fake_base"] = "teacher"   # fake_base: LoRA fake score's base
+    real_adapter_scale: tuple[float, float] = (1.0, 0.0)      # fake_base: gui scale, start -> end
+    real_adapter_decay_steps: int = 1000
+    lora: dict[str, dict] = field(default_factory=dict)       # {generator|fake_score: LoRAConfig}
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+
+    def lora_for(self, net: str) -> LoRAConfig | None:
+        if net not in self.lora:
+            return None
+        return _build(LoRAConfig, self.lora[net] or {}, f"dmd.lora.{net}.")
+
+
+@dataclass
 class RunConfig:
     recipe: str = ""
     objectives: list[str] = field(default_factory=lambda: ["flow_matching"])
@@ -115,6 +172,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)   # objectives: [dmd]
 
     def check_batch(self, world_size: int) -> int:
         """The global batch; raises if the configured one is inconsistent with the world size."""
@@ -297,3 +355,50 @@ def _validate(cfg: RunConfig) -> None:
         raise ValueError("no training data: pass data.local=SHARD_DIR (or data.remote=...)")
     if cfg.deepspeed.zero_stage not in (None, 0, 1, 2, 3):
         raise ValueError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3")
+    if "dmd" in cfg.objectives:
+        _validate_dmd(cfg.dmd)
+
+
+LORA_NETWORKS = ("generator", "fake_score")
+
+
+def _validate_dmd(d: DMDConfig) -> None:
+    from megadiff.generator import check_sigmas
+
+    if d.update_ratio < 1:
+        raise ValueError(f"dmd.update_ratio={d.update_ratio} must be at least 1: it is the number of "
+                         "fake-score steps per generator step (DMD2 uses 5 or 10)")
+    g = d.generator
+    for key, v in {"dmd.generator.num_steps": g.num_steps, "dmd.teacher_steps": d.teacher_steps,
+                   "dmd.real_adapter_decay_steps": d.real_adapter_decay_steps}.items():
+        if v < 1:
+            raise ValueError(f"{key}={v} must be at least 1")
+    if g.num_steps >= d.teacher_steps:
+        raise ValueError(f"dmd.generator.num_steps={g.num_steps} is not shorter than the teacher's "
+                         f"schedule (dmd.teacher_steps={d.teacher_steps}): a few-step generator must "
+                         "take fewer steps than the teacher it distils")
+    if g.sigmas is not None:
+        import torch
+
+        check_sigmas(torch.tensor(g.sigmas, dtype=torch.float32), g.num_steps)
+    if not 0 < d.sigma_min < d.sigma_max <= 1:
+        raise ValueError(f"dmd.sigma_min={d.sigma_min}, dmd.sigma_max={d.sigma_max}: need "
+                         "0 < sigma_min < sigma_max <= 1")
+    if not 0 <= d.gan.sigma_max <= 1:
+        raise ValueError(f"dmd.gan.sigma_max={d.gan.sigma_max} must lie in [0, 1]")
+    if d.cold_start_steps < 0 or d.guidance_jitter < 0:
+        raise ValueError("dmd.cold_start_steps and dmd.guidance_jitter must not be negative")
+    for net in d.lora:
+        if net not in LORA_NETWORKS:
+            why = "it is frozen" if net == "teacher" else "there is no such trainable network"
+            raise ValueError(f"dmd.lora.{net}: network {net!r} takes no LoRA adapter ({why}); "
+                             f"LoRA applies to {' and '.join(LORA_NETWORKS)}")
+        lc = d.lora_for(net)
+        if lc.rank < 1 or lc.alpha <= 0:
+            raise ValueError(f"dmd.lora.{net}: rank={lc.rank} must be >= 1 and alpha={lc.alpha} > 0")
+    if d.divergence != "reverse_kl" and not d.gan.enabled:
+        raise ValueError(f"dmd.divergence={d.divergence} weights the DM gradient by a density ratio "
+                         "that the discriminator head estimates: set dmd.gan.enabled=true")
+    if d.real_score == "fake_base" and "fake_score" not in d.lora:
+        raise ValueError("dmd.real_score=fake_base uses the LoRA fake score's frozen base as the "
+                         "teacher: give the fake score an adapter (dmd.lora.fake_score.rank=...)")

@@ -47,6 +47,8 @@ class BaseTrainer(Objective):
         self.noise_rng = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.device = torch.device(_device_name())
         self.ds_config = build_ds_config(cfg, self.world_size)
+        if self.resuming and checkpoint.saved_world_size(self.run) != self.world_size:
+            self.ds_config["checkpoint"] = {"load_universal": True}   # elastic resume
         self.compute_dtype = sd3.DTYPES[cfg.model.precision]
         self.specs = self.networks()
         self.engines: dict[str, object] = {}
@@ -60,6 +62,7 @@ class BaseTrainer(Objective):
                 self.frozen[name] = build_frozen(module, self.ds_config, self.device, self.compute_dtype)
         self.loader = make_train_loader(cfg.data, cfg.seed)
         self._data_iter = None
+        self._sample_log: list | None = [] if cfg.train.log_samples else None
         self.step, self.consumed_samples, self.skipped = 0, 0, 0
         if self.resuming:
             self._resume()
@@ -158,7 +161,16 @@ class BaseTrainer(Objective):
         except StopIteration:          # next epoch
             self._data_iter = iter(self.loader)
             batch = next(self._data_iter)
+        if self._sample_log is not None:
+            self._sample_log.append(batch["sample_index"].tolist())
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def _write_sample_log(self) -> None:
+        """`loss_logs/samples-rank{r}.jsonl`: which samples this rank consumed at each step."""
+        path = self.run.loss_logs / f"samples-rank{self.rank}.jsonl"
+        with open(path, "a") as f:
+            f.write(json.dumps({"iteration": self.step, "indices": self._sample_log}) + "\n")
+        self._sample_log = []
 
     def flops_per_iteration(self) -> float:
         """Model FLOPs one rank spends per iteration (MMDiT forward+backward per sample)."""
@@ -207,6 +219,8 @@ class BaseTrainer(Objective):
                     self.skipped = sum(e.skipped_steps for e in self.engines.values())
             self.step += 1
             self.consumed_samples += self.global_batch
+            if self._sample_log is not None:
+                self._write_sample_log()
             n_acc += 1
             if bar is not None:
                 bar.update(1)
@@ -265,7 +279,7 @@ class BaseTrainer(Objective):
         return tag
 
     def _resume(self) -> None:
-        state, rng = checkpoint.load(self.run, self.engines, self.rank)
+        state, rng = checkpoint.load(self.run, self.engines, self.rank, self.world_size)
         if state["global_batch"] != self.global_batch:
             raise ValueError(f"the checkpoint was trained with global batch {state['global_batch']}, "
                              f"this run has {self.global_batch}: keep the global batch when resuming")

@@ -29,11 +29,24 @@ def read_shard_info(data: DataConfig) -> ShardSetInfo | None:
     return ShardSetInfo.read(where)
 
 
+def _indexed_dataset_class():
+    from streaming import StreamingDataset
+
+    class IndexedStreamingDataset(StreamingDataset):
+        """Adds `sample_index` (the sample's global index in the shard set) to every sample, so
+        a run can record exactly which samples each step consumed."""
+
+        def get_item(self, sample_id: int, retry: int = 7):
+            return {**super().get_item(sample_id, retry), "sample_index": sample_id}
+
+    return IndexedStreamingDataset
+
+
 def make_train_loader(data: DataConfig, seed: int):
-    from streaming import StreamingDataLoader, StreamingDataset
+    from streaming import StreamingDataLoader
 
     local, remote = shard_location(data)
-    dataset = StreamingDataset(local=local, remote=remote, shuffle=data.shuffle,
+    dataset = _indexed_dataset_class()(local=local, remote=remote, shuffle=data.shuffle,
                                shuffle_seed=seed, batch_size=data.micro_batch_size,
                                num_canonical_nodes=data.num_canonical_nodes)
     return StreamingDataLoader(dataset, batch_size=data.micro_batch_size, drop_last=True,

@@ -5,9 +5,13 @@ while saving leaves the previous checkpoint as the one `--resume auto` picks up.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,21 +74,62 @@ def _prune(run: RunDir, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load(run: RunDir, engines: dict, rank: int, tag: str | None = None) -> tuple[dict, dict | None]:
+def saved_world_size(run: RunDir) -> int | None:
+    """Rank count of the checkpoint `--resume auto` would load (None if there is none)."""
+    tag = run.latest_tag()
+    if tag is None:
+        return None
+    return json.loads((run.tag_dir(tag) / "trainer_state.json").read_text())["world_size"]
+
+
+def universal_tag(net: str) -> str:
+    return f"{net}_universal"
+
+
+def convert_to_universal(ckpt: Path, net: str) -> None:
+    """DeepSpeed's universal checkpoint of one network (`ds_to_universal`), written beside
+    the original and renamed into place when complete; reused if it already exists."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = ckpt / universal_tag(net)
+    if out.is_dir():
+        return
+    tmp = ckpt / (universal_tag(net) + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(ckpt / net), output_folder=str(tmp),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                              strict=True, inject_missing_state=False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ds_to_universal.main(args)
+    tmp.rename(out)
+
+
+def load(run: RunDir, engines: dict, rank: int, world_size: int,
+         tag: str | None = None) -> tuple[dict, dict | None]:
     """Load `tag` (default: latest) into the engines; returns (trainer_state, this rank's RNG
-    state or None when the checkpoint was written with a different rank count)."""
+    state or None when the checkpoint was written with another rank count). A checkpoint from
+    another rank count is loaded through DeepSpeed's universal checkpoint format; the engines
+    must then have been built with `checkpoint.load_universal` (see `elastic_ds_config`)."""
     tag = tag or run.latest_tag()
     assert tag is not None, "load() called without a checkpoint"
     ckpt = run.tag_dir(tag)
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    for name, engine in engines.items():
+    elastic = state["world_size"] != world_size
+    for name in engines:
         if not (ckpt / name).is_dir():
             raise ValueError(f"{ckpt} has no state for network {name!r}: it was written by a "
                              "run with other objectives; resume with the same recipe")
-        path, _ = engine.load_checkpoint(str(ckpt), tag=name, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+    if elastic:
+        if rank == 0:
+            for name in engines:
+                convert_to_universal(ckpt, name)
+        _barrier()
+    for name, engine in engines.items():
+        assert engine.load_universal_checkpoint() == elastic, "engine built without load_universal"
+        path, _ = engine.load_checkpoint(str(ckpt), tag=universal_tag(name) if elastic else name,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise ValueError(f"could not load {ckpt / name}: the checkpoint is incomplete")
     rng_file = ckpt / "rng" / f"rank{rank}.pt"
-    rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+    rng = None if elastic else torch.load(rng_file, weights_only=True)
     return state, rng
