@@ -41,6 +41,17 @@ def two_rank_run(tiny_model, tiny_shards, tmp_path_factory):
     return out
 
 
+def test_ranks_read_disjoint_samples_covering_each_epoch(two_rank_run):
+    per_rank = [{rec["iteration"]: [i for micro in rec["indices"] for i in micro]
+                 for rec in read_jsonl(two_rank_run / "loss_logs" / f"samples-rank{r}.jsonl")}
+                for r in range(2)]
+    for step in range(1, 9):
+        assert len(per_rank[0][step]) == len(per_rank[1][step]) == 8
+        assert not set(per_rank[0][step]) & set(per_rank[1][step])
+    epoch = sorted(i for step in (1, 2, 3) for r in range(2) for i in per_rank[r][step])
+    assert epoch == list(range(48))          # 48 samples, global batch 16: one epoch in 3 steps
+
+
 @pytest.mark.parametrize("ranks, accumulation", [(1, 4), (4, 1)])
 def test_elastic_resume_on_another_rank_count(ranks, accumulation, two_rank_run, tiny_model,
                                               tiny_shards, tmp_path):
