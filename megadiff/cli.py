@@ -7,12 +7,18 @@ import sys
 
 
 def run_guarded(fn, args) -> int:
-    """User mistakes (ValueError) end in one line on stderr and exit code 2, no traceback."""
+    """User mistakes (ValueError) end in one line on stderr and exit code 2, a run stopped to
+    protect its state (RunStopped) in exit code 3; no traceback either way."""
+    from megadiff.errors import RunStopped
+
     try:
         fn(args)
     except ValueError as e:
         print(f"megadiff: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RunStopped as e:
+        print(f"megadiff: stopped: {e}", file=sys.stderr, flush=True)
+        return 3
     except KeyboardInterrupt:
         return 130
     return 0

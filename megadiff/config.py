@@ -80,6 +80,7 @@ class TrainConfig:
     sample_interval: int = 0              # 0: samples only at the end
     keep_last: int = 0                    # 0 keeps every checkpoint
     log_samples: bool = False             # record each step's sample indices per rank
+    max_consecutive_nonfinite: int = 20   # NaN/Inf micro-batches in a row before the run stops
 
 
 @dataclass
@@ -336,6 +337,7 @@ def _validate(cfg: RunConfig) -> None:
                 "data.gradient_accumulation_steps": cfg.data.gradient_accumulation_steps,
                 "train.max_steps": cfg.train.max_steps, "train.log_interval": cfg.train.log_interval,
                 "train.save_interval": cfg.train.save_interval,
+                "train.max_consecutive_nonfinite": cfg.train.max_consecutive_nonfinite,
                 "validation.num_inference_steps": cfg.validation.num_inference_steps}
     for key, v in positive.items():
         if v < 1:

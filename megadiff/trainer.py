@@ -20,6 +20,7 @@ from megadiff.engine.dist_env import setup_dist_env
 from megadiff.engine.ds_config import build_ds_config
 from megadiff.engine.engines import build_engine, build_frozen
 from megadiff.engine.run_dir import RunDir
+from megadiff.errors import RunStopped
 from megadiff.logger import MetricsLogger, device_peak_tflops, memory_mb, progress_bar
 from megadiff.models import sd3
 from megadiff.objectives.base import NetSpec, Objective
@@ -63,7 +64,7 @@ class BaseTrainer(Objective):
         self.loader = make_train_loader(cfg.data, cfg.seed)
         self._data_iter = None
         self._sample_log: list | None = [] if cfg.train.log_samples else None
-        self.step, self.consumed_samples, self.skipped = 0, 0, 0
+        self.step, self.consumed_samples, self.skipped, self.consecutive_nonfinite = 0, 0, 0, 0
         if self.resuming:
             self._resume()
         self.logger = MetricsLogger(self.run.loss_logs, self.run.log, cfg.to_dict(), self.rank,
@@ -204,19 +205,7 @@ class BaseTrainer(Objective):
         peak = device_peak_tflops(self.cfg.logging.peak_tflops)
         while self.step < cfg.max_steps:
             for net in self.steps_this_iteration(self.step):
-                engine = self.engines[net]
-                for _ in range(self.cfg.data.gradient_accumulation_steps):
-                    terms = self.loss_terms(net, self.next_batch(), self.step)
-                    assert terms, f"no loss terms for network {net} at step {self.step}"
-                    engine.backward(sum(terms.values()))
-                    engine.step()
-                    for k, v in terms.items():
-                        acc[f"loss/{k}"] = acc.get(f"loss/{k}", 0.0) + float(v.detach()) / \
-                            self.cfg.data.gradient_accumulation_steps
-                norm = engine.get_global_grad_norm()
-                grad_norms[f"grad_norm/{net}"] = float(norm) if norm is not None else float("nan")
-                if engine.skipped_steps:
-                    self.skipped = sum(e.skipped_steps for e in self.engines.values())
+                grad_norms[f"grad_norm/{net}"] = self._step_network(net, acc)
             self.step += 1
             self.consumed_samples += self.global_batch
             if self._sample_log is not None:
@@ -238,6 +227,56 @@ class BaseTrainer(Objective):
         self.logger.close()
         self._release_shm()
 
+    def _step_network(self, net: str, acc: dict) -> float:
+        """One optimizer step of `net` over `gradient_accumulation_steps` micro-batches.
+
+        A micro-batch whose loss is NaN/Inf on any rank is skipped on every rank before its
+        backward (so no bad gradient reaches the weights) and counted; after
+        `train.max_consecutive_nonfinite` in a row the run saves the last good state and stops.
+        """
+        engine = self.engines[net]
+        accumulation = self.cfg.data.gradient_accumulation_steps
+        done = 0
+        while done < accumulation:
+            terms = self.loss_terms(net, self.next_batch(), self.step)
+            assert terms, f"no loss terms for network {net} at step {self.step}"
+            loss = sum(terms.values())
+            if not self._finite_on_all_ranks(loss):
+                self._skip_nonfinite(net, terms)
+                continue
+            self.consecutive_nonfinite = 0
+            engine.backward(loss)
+            engine.step()
+            done += 1
+            for k, v in terms.items():
+                acc[f"loss/{k}"] = acc.get(f"loss/{k}", 0.0) + float(v.detach()) / accumulation
+        norm = engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        if not math.isfinite(norm):
+            raise RunStopped(f"network {net} got a non-finite gradient norm at iteration {self.step + 1}; "
+                             f"nothing was saved: resume from {self.run.latest} with a lower optim.lr "
+                             "or optim.grad_clip")
+        return norm
+
+    def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
+        ok = torch.isfinite(loss.detach()).all().float().reshape(1).cpu()
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def _skip_nonfinite(self, net: str, terms: dict) -> None:
+        self.skipped += 1
+        self.consecutive_nonfinite += 1
+        bad = ", ".join(k for k, v in terms.items() if not torch.isfinite(v.detach()).all())
+        self.logger.text(f"skipped a micro-batch of {net} at iteration {self.step + 1}: non-finite "
+                         f"{bad or 'loss on another rank'} ({self.skipped} skipped so far)")
+        limit = self.cfg.train.max_consecutive_nonfinite
+        if self.consecutive_nonfinite >= limit:
+            tag = self.save()
+            raise RunStopped(f"{limit} micro-batches in a row had a non-finite loss at iteration "
+                             f"{self.step + 1}; the last good state is saved as {tag}: check the "
+                             "shards (`megadiff data verify`) or lower optim.lr, then --resume auto")
+
     def _release_shm(self) -> None:
         """DeepSpeed's CPU shm all-reduce never unlinks its ~66 MB /dev/shm buffer; once every
         rank is done with the others' buffers, each removes its own name (the mapping lives on)."""
@@ -258,7 +297,8 @@ class BaseTrainer(Objective):
                "consumed_samples": self.consumed_samples, "ms_per_iteration": ms}
         rec |= {f"lr/{name}": e.get_lr()[0] for name, e in self.engines.items()}
         rec |= dict(zip(keys, vals.tolist())) | grad_norms
-        rec |= {"skipped_iterations": self.skipped, "tflops_per_device": tflops,
+        skipped = self.skipped + sum(e.skipped_steps for e in self.engines.values())
+        rec |= {"skipped_iterations": skipped, "tflops_per_device": tflops,
                 "mfu": tflops / peak if peak else None, "memory_mb": memory_mb()}
         if any(not math.isfinite(v) for k, v in rec.items() if k.startswith("loss/")):
             rec["nonfinite_loss"] = True

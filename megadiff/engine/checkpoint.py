@@ -48,6 +48,8 @@ def save(run: RunDir, engines: dict, trainer_state: dict, rng_state: dict, rank:
          keep_last: int = 0) -> str:
     tag = tag_for(trainer_state["step"])
     ckpt = run.tag_dir(tag)
+    if run.latest.is_file() and run.latest.read_text().strip() == tag:
+        return tag                       # already saved at this step: never rewrite `latest`'s target
     _barrier()
     if rank == 0 and ckpt.exists():      # left by a crash mid-save; `latest` never named it
         shutil.rmtree(ckpt)
