@@ -81,6 +81,7 @@ class TrainConfig:
     keep_last: int = 0                    # 0 keeps every checkpoint
     log_samples: bool = False             # record each step's sample indices per rank
     max_consecutive_nonfinite: int = 20   # NaN/Inf micro-batches in a row before the run stops
+    dist_timeout_minutes: float = 30.0    # how long ranks wait for each other (rendezvous, collectives)
 
 
 @dataclass

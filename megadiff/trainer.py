@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -75,9 +76,15 @@ class BaseTrainer(Objective):
     # ---- construction ---------------------------------------------------------------------
     def _init_distributed(self) -> None:
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
+        # Each rank's device must be set before anything (frozen nets, batches) is placed on it;
+        # deepspeed.initialize would set it only later, leaving every rank on device 0.
+        if get_accelerator().device_name() != "cpu":
+            get_accelerator().set_device(self.dist_env.local_rank)
         if not dist.is_initialized():
-            deepspeed.init_distributed(verbose=False)
+            deepspeed.init_distributed(verbose=False,
+                                       timeout=timedelta(minutes=self.cfg.train.dist_timeout_minutes))
 
     def _prepare_demo(self) -> None:
         """Tiny model + synthetic shards under output_dir/demo (rank 0 builds, others wait)."""
