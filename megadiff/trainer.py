@@ -117,8 +117,12 @@ class BaseTrainer(Objective):
         if self.shards is None:
             return
         tc, info = self.transformer_config, self.shards
-        c, h, w = info.latent_shape
         where = self.cfg.data.remote or self.cfg.data.local
+        if info.schema != "megadiff.train":
+            raise ValueError(f"shards in {where} are a {info.schema} set, but this recipe trains on "
+                             "image latents (megadiff.train): point data.local at shards built with "
+                             "`megadiff data build`")
+        c, h, w = info.latent_shape
         problems = []
         if c != tc["in_channels"]:
             problems.append(f"latents have {c} channels, the transformer takes {tc['in_channels']}")

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -51,30 +50,31 @@ def cover_and_crop(img: Image.Image, width: int, height: int) -> Image.Image:
     return img.crop((left, top, left + width, top + height))
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
+def to_tensor(img: Image.Image) -> "torch.Tensor":  # noqa: F821
     """RGB image -> (3, H, W) float32 in [-1, 1]."""
+    import torch
+
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
     return arr.float() / 127.5 - 1.0
 
 
-def pil_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
+def pil_to_tensor(img: Image.Image, resolution: int) -> "torch.Tensor":  # noqa: F821
     """Resize the short side to `resolution`, center-crop, scale to [-1, 1], (3, R, R)."""
     return to_tensor(cover_and_crop(img.convert("RGB"), resolution, resolution))
 
 
-def aspect_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
-    """(width, height) pairs, multiples of `step`, with about resolution^2 pixels and aspect
-    ratios up to `max_ratio` (the SDXL/SD3 bucket scheme), sorted by aspect ratio."""
+def aspect_buckets(resolution: int, step: int | None = None,
+                   max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(width, height) pairs, multiples of `step` (default resolution / 16, at least 16: 64 at
+    1024 px as in SDXL's buckets), with at most resolution^2 pixels and aspect ratios up to
+    `max_ratio`, sorted by aspect ratio."""
+    step = step or max(16, resolution // 16)
     area = resolution * resolution
     sizes = set()
-    w = step
-    while w <= resolution * math.sqrt(max_ratio) + 1e-6:
-        h = max(step, int(area / w) // step * step)
-        if 1 / max_ratio <= w / h <= max_ratio:
-            sizes.add((w, h))
-            sizes.add((h, w))
-        w += step
-    sizes.add((resolution, resolution))
+    for w in range(step, resolution + 1, step):      # the short side
+        h = area // w // step * step                   # the long side, area <= resolution^2
+        if h >= w and h / w <= max_ratio:
+            sizes.update({(w, h), (h, w)})
     return sorted(sizes, key=lambda s: (s[0] / s[1], s[0]))
 
 

@@ -79,6 +79,12 @@ class Slice:
     start: int = 0                  # line / row range [start, stop)
     stop: int = 0
     files: tuple[str, ...] = field(default=(), repr=False)  # folder: image paths under `path`
+    label: str = ""                 # the input's name in sample keys (unique among the inputs)
+    offset: int = 0                 # jsonl / prompts: byte offset of line `start`
+
+    @property
+    def name(self) -> str:
+        return self.label or Path(self.path).name
 
     @property
     def size(self) -> int | None:
@@ -150,13 +156,20 @@ def expand_inputs(inputs: list[str], fmt: str) -> tuple[str, list[Path]]:
     return fmt, out
 
 
-def _count_lines(path: Path) -> int:
-    n, last = 0, b"\n"
+def _line_ranges(path: Path, slice_size: int) -> list[tuple[int, int, int]]:
+    """(first line, end line, byte offset of the first line) per `slice_size` lines, in one pass,
+    so that reading a slice seeks instead of scanning the file from the top."""
+    ranges, line, offset, start, start_offset = [], 0, 0, 0, 0
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            n += chunk.count(b"\n")
-            last = chunk[-1:]
-    return n + (last != b"\n")
+        for raw in f:
+            line += 1
+            offset += len(raw)
+            if line - start == slice_size:
+                ranges.append((start, line, start_offset))
+                start, start_offset = line, offset
+    if line > start:
+        ranges.append((start, line, start_offset))
+    return ranges
 
 
 def _parquet_groups(path: Path, slice_size: int) -> list[tuple[int, int]]:
@@ -179,14 +192,28 @@ def _parquet_groups(path: Path, slice_size: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def input_labels(paths: list[Path]) -> dict[Path, str]:
+    """Each input's name in sample keys: its file/folder name, or as many trailing path parts as
+    it takes to tell apart inputs of the same name (a/train.tar, b/train.tar)."""
+    labels = {}
+    for p in paths:
+        n = 1
+        while n < len(p.parts) and any(q != p and q.parts[-n:] == p.parts[-n:] for q in paths):
+            n += 1
+        labels[p] = "/".join(p.parts[-n:])
+    return labels
+
+
 def plan_slices(fmt: str, paths: list[Path], slice_size: int) -> list[Slice]:
     """The same list on every rank: it depends only on the inputs and `slice_size`."""
     if slice_size < 1:
         raise ValueError(f"--slice-size {slice_size} must be >= 1")
     slices: list[Slice] = []
 
+    labels = input_labels(paths)
+
     def add(**kw) -> None:
-        slices.append(Slice(index=len(slices), fmt=fmt, **kw))
+        slices.append(Slice(index=len(slices), fmt=fmt, label=labels[p], **kw))
 
     for p in paths:
         if fmt == "folder":
@@ -195,9 +222,8 @@ def plan_slices(fmt: str, paths: list[Path], slice_size: int) -> list[Slice]:
             for i in range(0, len(files), slice_size):
                 add(path=str(p), files=tuple(files[i:i + slice_size]))
         elif fmt in ("jsonl", "prompts"):
-            n = _count_lines(p)
-            for i in range(0, n, slice_size):
-                add(path=str(p), start=i, stop=min(n, i + slice_size))
+            for a, b, offset in _line_ranges(p, slice_size):
+                add(path=str(p), start=a, stop=b, offset=offset)
         elif fmt in ("parquet", "pickapic"):
             for a, b in _parquet_groups(p, slice_size):
                 add(path=str(p), start=a, stop=b)
@@ -244,7 +270,7 @@ def _image_ref(value, base: Path, key: str) -> bytes | Path | Skip:
 def _iter_folder(s: Slice) -> Iterator[Item | Skip]:
     root = Path(s.path)
     for rel in s.files:
-        key = f"{root.name}/{rel}"
+        key = f"{s.name}/{rel}"
         txt = (root / rel).with_suffix(".txt")
         try:
             raw = txt.read_bytes()
@@ -258,19 +284,19 @@ def _iter_folder(s: Slice) -> Iterator[Item | Skip]:
         yield cap if isinstance(cap, Skip) else Item(key, cap, (root / rel,))
 
 
-def _iter_lines(path: Path, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
-    with open(path, "rb") as f:
-        for i, line in enumerate(f):
-            if i >= stop:
+def _iter_lines(s: Slice) -> Iterator[tuple[int, bytes]]:
+    with open(s.path, "rb") as f:
+        f.seek(s.offset)
+        for i, line in enumerate(f, start=s.start):
+            if i >= s.stop:
                 break
-            if i >= start:
-                yield i, line.rstrip(b"\r\n")
+            yield i, line.rstrip(b"\r\n")
 
 
 def _iter_jsonl(s: Slice, image_col: str, caption_col: str) -> Iterator[Item | Skip]:
     path = Path(s.path)
-    for i, raw in _iter_lines(path, s.start, s.stop):
-        key = f"{path.name}:{i + 1}"
+    for i, raw in _iter_lines(s):
+        key = f"{s.name}:{i + 1}"
         if not raw.strip():
             continue
         try:
@@ -313,7 +339,7 @@ def _iter_parquet_rows(s: Slice, columns: list[str]) -> Iterator[tuple[int, dict
         detail = (f"{path.name} has no column {' or '.join(map(repr, missing))} "
                   f"(columns: {', '.join(names[:12])})")
         for r in range(s.start, s.stop):
-            yield Skip(f"{path.name}:{r}", "missing_column", detail)
+            yield Skip(f"{s.name}:{r}", "missing_column", detail)
         return
     pos = 0
     for g in range(pf.metadata.num_row_groups):
@@ -336,7 +362,7 @@ def _iter_parquet(s: Slice, image_col: str, caption_col: str) -> Iterator[Item |
             yield row
             continue
         r, values = row
-        key = f"{path.name}:{r}"
+        key = f"{s.name}:{r}"
         ref = _image_ref(values[image_col], path.parent, key)
         cap = _caption(values[caption_col], key)
         bad = next((x for x in (ref, cap) if isinstance(x, Skip)), None)
@@ -383,31 +409,44 @@ def _zero_region(path: Path, start: int, stop: int) -> bool:
 
 def _iter_wds(s: Slice) -> Iterator[Item | Skip]:
     """Members grouped by key in archive order. A damaged member header is stepped over
-    (`ignore_zeros` scans on to the next valid header) and reported as `corrupt_tar_member`;
-    a member whose data is cut short marks its sample as corrupt."""
+    (`ignore_zeros` scans on to the next valid header): the sample it belonged to is skipped as
+    `corrupt_tar_member`; so is a sample whose member data is cut short."""
     path = Path(s.path)
     wanted = set(_WDS_IMAGE) | set(_WDS_CAPTION) | {"json"}
     plain = path.suffix.lower() == ".tar"
     try:
         tf = tarfile.open(path, mode="r:*", ignore_zeros=True)
     except (tarfile.TarError, OSError, EOFError) as e:
-        yield Skip(path.name, "corrupt_tar", f"{type(e).__name__}: {e}")
+        yield Skip(s.name, "corrupt_tar", f"{type(e).__name__}: {e}")
         return
     key, group, expected = None, {}, 0
+    gap: str | None = None          # an unreadable stretch not yet charged to a sample
+    read_failed = False
+
+    def flush() -> Iterator[Item | Skip]:
+        nonlocal gap
+        r = _wds_group(s.name, key, group)
+        if gap is not None and isinstance(r, Skip) and r.reason in ("missing_image", "missing_caption"):
+            r, gap = Skip(r.key, "corrupt_tar_member", gap), None
+        yield r
+
     with tf:
         while True:
             try:
                 m = tf.next()
             except (tarfile.TarError, OSError, EOFError) as e:
                 if group:
-                    yield _wds_group(path.name, key, group)
-                yield Skip(path.name, "corrupt_tar", f"after member {key!r}: {type(e).__name__}: {e}")
+                    yield from flush()
+                if not read_failed:     # else the cut-short member already counts
+                    yield Skip(s.name, "corrupt_tar", f"after member {key!r}: "
+                                                         f"{type(e).__name__}: {e}")
                 return
             if m is None:
                 break
             if plain and m.offset > expected and not _zero_region(path, expected, m.offset):
-                yield Skip(f"{path.name}@{expected}", "corrupt_tar_member",
-                           f"{m.offset - expected} unreadable bytes before {m.name}")
+                if gap is not None:
+                    yield Skip(s.name, "corrupt_tar_member", gap)
+                gap = f"{m.offset - expected} unreadable bytes at offset {expected} (before {m.name})"
             expected = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
             if not m.isfile():
                 continue
@@ -417,7 +456,7 @@ def _iter_wds(s: Slice) -> Iterator[Item | Skip]:
             k, ext = match.group(1), match.group(2).lower()
             if k != key:
                 if group:
-                    yield _wds_group(path.name, key, group)
+                    yield from flush()
                 key, group = k, {}
             if ext not in wanted:
                 continue
@@ -426,21 +465,25 @@ def _iter_wds(s: Slice) -> Iterator[Item | Skip]:
                 if len(data) != m.size:
                     raise tarfile.ReadError(f"{len(data)} of {m.size} bytes")
                 group[ext] = data
+                read_failed = False
             except (tarfile.TarError, OSError, EOFError) as e:
                 group[ext] = Skip(m.name, "corrupt_tar_member", f"{m.name}: {e}")
+                read_failed = True
     if group:
-        yield _wds_group(path.name, key, group)
+        yield from flush()
+    if gap is not None:
+        yield Skip(s.name, "corrupt_tar_member", gap)
     if plain:
         size = path.stat().st_size
         if size > expected and not _zero_region(path, expected, size):
-            yield Skip(path.name, "corrupt_tar", f"{size - expected} bytes after the last "
+            yield Skip(s.name, "corrupt_tar", f"{size - expected} bytes after the last "
                                                  "member are not a tar header (truncated?)")
 
 
 def _iter_prompts(s: Slice) -> Iterator[Item | Skip]:
     path = Path(s.path)
-    for i, raw in _iter_lines(path, s.start, s.stop):
-        key = f"{path.name}:{i + 1}"
+    for i, raw in _iter_lines(s):
+        key = f"{s.name}:{i + 1}"
         cap = _caption(raw, key)
         if isinstance(cap, Skip) and cap.reason == "empty_caption":
             cap = Skip(key, "empty_line")
@@ -457,7 +500,7 @@ def _iter_pickapic(s: Slice, keep_ties: bool) -> Iterator[Item | Skip]:
             yield row
             continue
         r, v = row
-        key = f"{path.name}:{r}"
+        key = f"{s.name}:{r}"
         try:
             label = float(v["label_0"])
         except (TypeError, ValueError):

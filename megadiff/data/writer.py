@@ -1,85 +1,144 @@
-"""Encode image-caption pairs with the model's own VAE and text encoders and write MDS shards
-in the `megadiff.train` schema (see `schema.py`)."""
+"""Writing one part directory (MDS shards + keys.jsonl + skipped.jsonl + done marker), and
+`write_train_shards`, the in-memory one-part build the embedded demo and tests use."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
-from megadiff.data.schema import SCHEMAS, ShardSetInfo
-from megadiff.models import sd3
+from megadiff.data.images import pil_to_tensor  # noqa: F401  (re-exported: tests and callers)
+from megadiff.data.schema import DONE_FILE, KEYS_FILE, SCHEMAS, SKIPPED_FILE, ShardSetInfo
+from megadiff.data.sources import Skip
+
+HASHES = ["sha1", "xxh64"]          # per-shard hashes in index.json; `verify` checks them
 
 
-def pil_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the short side to `resolution`, center-crop, scale to [-1, 1], (3, R, R)."""
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                     Image.Resampling.BICUBIC)
-    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return arr.float() / 127.5 - 1.0
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class PartWriter:
+    """One part: MDS shards of `columns`, plus the key of each sample (in order) and every skip
+    with its reason. `finish()` returns the counts; the caller writes the done marker."""
+
+    def __init__(self, part_dir: str | Path, columns: dict[str, str], size_limit: int = 1 << 26,
+                 compression: str | None = None):
+        from streaming import MDSWriter
+
+        self.dir = Path(part_dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        self.mds = MDSWriter(out=str(self.dir), columns=columns, compression=compression,
+                             hashes=HASHES, size_limit=size_limit)
+        self.keys = open(self.dir / KEYS_FILE, "w")
+        self.skips = open(self.dir / SKIPPED_FILE, "w")
+        self.written, self.skipped = 0, Counter()
+        self.first: dict | None = None
+
+    def write(self, key: str, record: dict) -> None:
+        self.mds.write(record)
+        self.keys.write(json.dumps(key) + "\n")
+        self.written += 1
+        if self.first is None:
+            self.first = record
+
+    def skip(self, s: Skip) -> None:
+        self.skips.write(json.dumps({"key": s.key, "reason": s.reason, "detail": s.detail}) + "\n")
+        self.skipped[s.reason] += 1
+
+    def abort(self) -> None:
+        """Stop without an index (the part stays unfinished and is rebuilt on resume)."""
+        self.mds.cancel_future_jobs()
+        for f in (self.keys, self.skips):
+            f.close()
+
+    def finish(self) -> dict:
+        self.mds.finish()
+        for f in (self.keys, self.skips):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        index = json.loads((self.dir / "index.json").read_text())
+        nbytes = sum((s.get("zip_data") or s["raw_data"])["bytes"] for s in index["shards"])
+        return {"written": self.written, "skipped": dict(self.skipped), "bytes": nbytes,
+                "shards": len(index["shards"])}
+
+
+def write_done(part_dir: Path, record: dict) -> None:
+    write_json_atomic(part_dir / DONE_FILE, record)
+
+
+def read_done(part_dir: Path) -> dict | None:
+    try:
+        return json.loads((part_dir / DONE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def write_train_shards(out_dir: str | Path, samples: Iterable[tuple[Image.Image, str]],
                        model_path: str | Path, resolution: int, max_sequence_length: int,
                        batch_size: int = 8, seed: int = 0, dtype: str = "fp32",
                        size_limit: int = 1 << 26) -> ShardSetInfo:
-    """Write a complete shard set to `out_dir` (built in a sibling temp dir, then renamed, so
-    an interrupted build never leaves a half-written set where a good one is expected)."""
-    from streaming import MDSWriter
+    """Encode in-memory (image, caption) pairs into a complete `megadiff.train` set at `out_dir`
+    (one part; built beside it and renamed into place, so an interrupted build never leaves a
+    half-written set). Sample i has key `sample-{i:06d}`, which seeds its latent noise."""
+    from megadiff.data import shardset
+    from megadiff.data.processors import TrainProcessor
+    from megadiff.data.sources import Item
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already holds files: choose an empty --out directory")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    torch_dtype = sd3.DTYPES[dtype]
-    vae = sd3.load_vae(model_path, torch_dtype)
-    text = sd3.load_text_pipeline(model_path, torch_dtype)
-    gen = torch.Generator().manual_seed(seed)
-    columns = SCHEMAS["megadiff.train"][1]
-    count, info_shape = 0, None
-    with MDSWriter(out=str(tmp), columns=columns, size_limit=size_limit) as writer:
-        batch: list[tuple[Image.Image, str]] = []
+    staging = shardset.staging_dir(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    settings = {"model": str(model_path), "dtype": dtype, "resolution": resolution,
+                "max_sequence_length": max_sequence_length, "seed": seed, "latents": "sample",
+                "resize": "center-crop"}
+    proc = TrainProcessor(settings, "cpu")
+    part = "part-00000"
+    writer = PartWriter(staging / part, SCHEMAS["megadiff.train"][1], size_limit)
+    t0 = time.time()
 
-        def flush() -> None:
-            nonlocal count, info_shape
-            pixels = torch.stack([pil_to_tensor(im, resolution) for im, _ in batch])
-            caps = [c for _, c in batch]
-            latents = sd3.encode_images(vae, pixels, generator=gen)
-            embeds, pooled = sd3.encode_prompts(text, caps, max_sequence_length)
-            for i, (im, cap) in enumerate(batch):
-                writer.write({
-                    "latents": latents[i].float().numpy().astype(np.float16),
-                    "prompt_embeds": embeds[i].float().numpy().astype(np.float16),
-                    "pooled_prompt_embeds": pooled[i].float().numpy().astype(np.float16),
-                    "caption": cap, "width": im.width, "height": im.height,
-                })
-            count += len(batch)
-            info_shape = (tuple(latents.shape[1:]), embeds.shape[1], embeds.shape[2], pooled.shape[1])
-            batch.clear()
+    def flush(batch: list) -> None:
+        for r in proc.encode(batch):
+            writer.skip(r) if isinstance(r, Skip) else writer.write(*r)
+        batch.clear()
 
-        for item in samples:
-            batch.append(item)
-            if len(batch) == batch_size:
-                flush()
-        if batch:
-            flush()
-    if count == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+    batch = []
+    for i, (img, caption) in enumerate(samples):
+        p = proc.prepare(Item(f"sample-{i:06d}", caption, (img,)))
+        if isinstance(p, Skip):
+            writer.skip(p)
+            continue
+        batch.append(p)
+        if len(batch) == batch_size:
+            flush(batch)
+    if batch:
+        flush(batch)
+    counts = writer.finish()
+    if counts["written"] == 0:
+        shutil.rmtree(staging, ignore_errors=True)
         raise ValueError("no samples to write: the input held no usable image-caption pairs")
-    latent_shape, seq, dim, pdim = info_shape
-    info = ShardSetInfo("megadiff.train", SCHEMAS["megadiff.train"][0], latent_shape, seq, dim,
-                        pdim, count)
-    info.write(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    geometry = proc.geometry(writer.first)
+    done = {"fingerprint": None, "slice": {"index": 0, "format": "memory"}, **counts,
+            "geometry": geometry, "seconds": time.time() - t0}
+    write_done(staging / part, done)
+    info = ShardSetInfo("megadiff.train", SCHEMAS["megadiff.train"][0],
+                        tuple(geometry["latent_shape"]), geometry["text_seq_len"],
+                        geometry["text_dim"], geometry["pooled_dim"], counts["written"])
+    build = {"job": "write_train_shards", "fingerprint": None, "settings": settings,
+             "summary": shardset.summarize([done])}
+    shardset.finalize(staging, [part], info, [build])
+    shardset.swap_into_place(staging, out)
     return info
