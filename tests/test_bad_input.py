@@ -81,3 +81,12 @@ def test_output_dir_with_another_runs_checkpoints_is_left_alone(tiny_model, tiny
 def test_export_of_a_directory_that_is_not_a_run(tmp_path):
     fails_with(["export", "--run", str(tmp_path), "--to", str(tmp_path / "out")],
                "args.json is missing: --run must be a megadiff output directory", module="megadiff.cli")
+
+
+def test_prompt_shards_are_not_training_shards(tiny_model, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    r = run_cli(["data", "prompts", str(prompts), "--out", str(tmp_path / "p"), "--no-progress"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    fails_with(tiny_train_args(tiny_model, tmp_path / "p", tmp_path / "run"),
+               "are a megadiff.prompts set, but this recipe trains on image latents")
