@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -84,6 +85,39 @@ def test_resume_is_bitwise_exact_after_kill(ranks, extra, tiny_model, tiny_shard
         shards = sorted(p.name for p in (tmp_path / "ref" / "checkpoints" / "step-12" / "transformer").iterdir())
         assert [s for s in shards if s.endswith("optim_states.pt")] == [
             "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+def test_kill_while_saving_keeps_the_previous_checkpoint(tiny_model, tiny_shards, tmp_path):
+    """SIGKILL as soon as step-8's directory appears (mid-save): `latest` still names step-4,
+    and the resumed run redoes steps 5-12 and ends equal to an uninterrupted run."""
+    args = ["train.save_interval=4", "deepspeed.config=zero3"]
+    ref_env = clean_env()
+    ref = subprocess.run([sys.executable, "-m", "megadiff.train",
+                          *tiny_train_args(tiny_model, tiny_shards, tmp_path / "ref", *args)],
+                         capture_output=True, text=True, env=ref_env, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "killed"
+    env = clean_env()
+    proc = subprocess.Popen([sys.executable, "-m", "megadiff.train",
+                             *tiny_train_args(tiny_model, tiny_shards, run, *args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    step8 = run / "checkpoints" / "step-8"
+    deadline = time.monotonic() + 300
+    while not step8.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert step8.exists(), "the run ended before it began saving step 8"
+    assert (run / "latest").read_text().strip() == "step-4"
+    env = clean_env()
+    resumed = subprocess.run([sys.executable, "-m", "megadiff.train",
+                              *tiny_train_args(tiny_model, tiny_shards, run, *args), "--resume", "auto"],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "from step 4 to 12" in resumed.stdout
+    a, b = final_weights(tmp_path / "ref"), final_weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_another_global_batch(tiny_model, tiny_shards, tmp_path):
