@@ -98,6 +98,9 @@ class BaseTrainer(Objective):
             if not (model_dir / "model_index.json").is_file():
                 _clear(model_dir)
                 make_tiny_sd3(model_dir, seed=self.cfg.seed)
+            if self.cfg.context.enabled and not (shard_dir / "index.json").is_file():
+                from megadiff.models.context_train import write_demo_shards   # long captions + context
+                write_demo_shards(shard_dir, model_dir, self.cfg, TINY_T5_MAX_LENGTH)
             if not (shard_dir / "index.json").is_file():
                 write_train_shards(shard_dir, shape_samples(self.cfg.demo.num_samples, TINY_RESOLUTION,
                                                             self.cfg.seed),
@@ -118,7 +121,7 @@ class BaseTrainer(Objective):
             return
         tc, info = self.transformer_config, self.shards
         where = self.cfg.data.remote or self.cfg.data.local
-        if info.schema != "megadiff.train":
+        if info.schema not in ("megadiff.train", "megadiff.train_context"):
             raise ValueError(f"shards in {where} are a {info.schema} set, but this recipe trains on "
                              "image latents (megadiff.train): point data.local at shards built with "
                              "`megadiff data build`")
@@ -141,6 +144,10 @@ class BaseTrainer(Objective):
         if problems:
             raise ValueError(f"shards in {where} do not fit {self.model_path}: {problems[0]}; "
                              "rebuild the shards with this model (`megadiff data build --model ...`)")
+        if self.cfg.context.enabled:
+            from megadiff.models.context_train import check_shards
+
+            check_shards(self.cfg, info, where)
 
     def build_network(self, name: str, spec: NetSpec) -> torch.nn.Module:
         """Load a network's weights; objectives with other sources override this."""
@@ -150,6 +157,10 @@ class BaseTrainer(Objective):
         module = sd3.load_transformer(self.model_path, torch.float32)
         if self.cfg.model.gradient_checkpointing:
             module.enable_gradient_checkpointing()
+        if self.cfg.context.enabled:   # transformer + context projector: one engine, one checkpoint
+            from megadiff.models.context_train import wrap_transformer
+
+            module = wrap_transformer(self.cfg, self.model_path, module)
         return module
 
     # ---- the pieces objectives call --------------------------------------------------------
@@ -160,9 +171,14 @@ class BaseTrainer(Objective):
         dt = self.compute_dtype
         emb = batch["prompt_embeds"] if prompt_embeds is None else prompt_embeds
         pool = batch["pooled_prompt_embeds"] if pooled is None else pooled
+        extra = {}
+        if self.cfg.context.enabled and prompt_embeds is None:   # the batch's own long-prompt context
+            from megadiff.models.context_train import batch_context
+
+            extra["context"] = batch_context(batch, self.device, dt)
         out = module(hidden_states=x_t.to(self.device, dt), encoder_hidden_states=emb.to(self.device, dt),
                      pooled_projections=pool.to(self.device, dt),
-                     timestep=(sigma * 1000).to(self.device, torch.float32), return_dict=False)[0]
+                     timestep=(sigma * 1000).to(self.device, torch.float32), return_dict=False, **extra)[0]
         return out.float()
 
     def next_batch(self) -> dict:
@@ -197,8 +213,13 @@ class BaseTrainer(Objective):
     def sample_latents(self, noise: torch.Tensor, embeds: dict) -> torch.Tensor:
         """Validation sampling; objectives with a few-step generator override this."""
         v = self.cfg.validation
+        net = self.engines["transformer"]
+        if self.cfg.context.enabled:   # append the validation prompts' long-prompt context
+            from megadiff.models.context_train import with_validation_context
+
+            net = with_validation_context(self, net, embeds)
         return sampling.euler_sample(
-            self.engines["transformer"], noise.to(self.device), embeds["embeds"], embeds["pooled"],
+            net, noise.to(self.device), embeds["embeds"], embeds["pooled"],
             v.num_inference_steps, self.cfg.flow.shift, v.guidance_scale,
             embeds["neg_embeds"].expand_as(embeds["embeds"]),
             embeds["neg_pooled"].expand_as(embeds["pooled"]), self.compute_dtype)
@@ -262,7 +283,9 @@ class BaseTrainer(Objective):
             for k, v in terms.items():
                 acc[f"loss/{k}"] = acc.get(f"loss/{k}", 0.0) + float(v.detach()) / accumulation
         norm = engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
+        if norm is None:                 # DeepSpeed keeps no norm for ZeRO-0 with fp32
+            return float("nan")
+        norm = float(norm)
         if not math.isfinite(norm):
             raise RunStopped(f"network {net} got a non-finite gradient norm at iteration {self.step + 1}; "
                              f"nothing was saved: resume from {self.run.latest} with a lower optim.lr "

@@ -88,7 +88,8 @@ def ideal_bytes_per_rank(n_params: int, world_size: int,
     return bytes_per_param * n_params / world_size
 
 
-def persistent_numel(module, threshold: int) -> tuple[int, int]:
-    """(count, elements) of parameters ZeRO-3 keeps whole on every rank (numel <= threshold)."""
-    small = [p.numel() for p in module.parameters() if p.numel() <= threshold]
+def persistent_params(module) -> tuple[int, int]:
+    """(count, elements) of the parameters ZeRO-3 marked persistent (`ds_persist`): those
+    with numel <= `stage3_param_persistence_threshold`, which every rank keeps whole."""
+    small = [p.ds_numel for p in module.parameters() if getattr(p, "ds_persist", False)]
     return len(small), sum(small)

@@ -2,7 +2,9 @@
 batch shaped like megadiff's cached-latent shards."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 HEAD_DIM = 64                 # SD3 / SD3.5: attention_head_dim
 CLIP_TOKENS = 77              # CLIP-L/G tokens in SD3's joint text sequence
@@ -16,11 +18,12 @@ class BenchShape:
     pooled_dim: int = 2048            # CLIP-L + CLIP-G pooled
     batch: int = 2
     latent_size: int = 32             # latents are 16 x latent_size x latent_size
-    t5_tokens: int = 32               # text sequence = 77 CLIP tokens + t5_tokens
+    t5_tokens: int = 32               # text sequence = clip_tokens + t5_tokens
+    clip_tokens: int = CLIP_TOKENS
 
     @property
     def text_tokens(self) -> int:
-        return CLIP_TOKENS + self.t5_tokens
+        return self.clip_tokens + self.t5_tokens
 
     @property
     def image_tokens(self) -> int:
@@ -35,6 +38,14 @@ class BenchShape:
                 raise ValueError(f"{flag} {v} must be at least 1")
         if self.latent_size < 2 or self.latent_size % 2:
             raise ValueError(f"latent size {self.latent_size} must be a positive even number")
+
+
+def shape_of(tc: dict, **kw) -> BenchShape:
+    """The BenchShape of a saved transformer config, with batch/latent/text sizes from kw."""
+    base = BenchShape(width=tc["num_attention_heads"] * tc["attention_head_dim"],
+                      layers=tc["num_layers"], joint_attention_dim=tc["joint_attention_dim"],
+                      pooled_dim=tc["pooled_projection_dim"])
+    return replace(base, **kw)
 
 
 def transformer_config(shape: BenchShape) -> dict:
@@ -55,6 +66,18 @@ def build_transformer(shape: BenchShape, seed: int = 0):
 
     torch.manual_seed(seed)
     return SD3Transformer2DModel(**transformer_config(shape)).train()
+
+
+def save_bench_model(shape: BenchShape, root: str | Path, seed: int = 0) -> Path:
+    """Write `root` as a diffusers SD3 directory holding only the transformer, so that
+    `megadiff.models.sd3.load_transformer(root)` (what `BaseTrainer.build_network` calls)
+    loads it. Returns root."""
+    root = Path(root)
+    build_transformer(shape, seed).save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.39.0",
+        "transformer": ["diffusers", "SD3Transformer2DModel"]}, indent=1))
+    return root
 
 
 def synthetic_batch(shape: BenchShape, seed: int = 0) -> dict:
