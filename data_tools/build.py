@@ -5,7 +5,9 @@ INPUT is an image folder (same-name .txt captions), JSONL or Parquet manifests (
 bytes + `caption`), or WebDataset .tar files; the format is detected (or --format). Bad inputs
 are skipped and counted by reason (--on-error fail stops instead). Runs as one process, as N
 local workers (--workers N), or as every rank of a launcher (deepspeed, torchrun, mpiexec,
-srun); a killed build resumes when the same command runs again.
+srun); a killed build resumes when the same command runs again. With --long-context N the set
+is `megadiff.train_context`: the same columns plus each caption's context past 77 CLIP / the T5
+length, for recipes with `context.enabled` (megadiff/models/context.py).
 """
 from __future__ import annotations
 
@@ -28,6 +30,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-column", default="caption", help="manifest caption field")
     add_model_args(p, required=True)
     add_image_args(p)
+    g = p.add_argument_group("long prompts (megadiff.train_context shards, for context.enabled recipes)")
+    g.add_argument("--long-context", type=int, default=None, metavar="N",
+                   help="also cache each caption's context past SD3's limits, up to N tokens: CLIP in "
+                        "windows of 75 (N rounded up), T5 up to N tokens (see megadiff/models/context.py)")
+    g.add_argument("--long-context-clip", type=int, default=None, metavar="N",
+                   help="CLIP tokens instead (a multiple of 75; 75: CLIP not extended)")
+    g.add_argument("--long-context-t5", type=int, default=None, metavar="N",
+                   help="T5 tokens instead (<= --max-sequence-length: T5 not extended)")
     add_build_args(p, DEFAULT_SLICE)
 
 
@@ -43,9 +53,29 @@ def image_settings(args) -> dict:
                          "factor 8 x patch size 2)")
     check_positive("--max-sequence-length", args.max_sequence_length)
     check_positive("--batch-size", args.batch_size)
-    return {"model": model, "dtype": args.dtype, "resolution": resolution, "resize": args.resize,
-            "latents": args.latents, "seed": args.seed, "min_size": args.min_size,
-            "max_sequence_length": args.max_sequence_length or default_max_sequence_length(model)}
+    settings = {"model": model, "dtype": args.dtype, "resolution": resolution, "resize": args.resize,
+                "latents": args.latents, "seed": args.seed, "min_size": args.min_size,
+                "max_sequence_length": args.max_sequence_length or default_max_sequence_length(model)}
+    long_context = _long_context(args, settings["max_sequence_length"])
+    return settings if long_context is None else {**settings, "long_context": long_context}
+
+
+def _long_context(args, base_t5_length: int) -> dict | None:
+    """The --long-context settings (absent from plain builds, so their fingerprints stay)."""
+    n = getattr(args, "long_context", None)
+    clip, t5 = getattr(args, "long_context_clip", None), getattr(args, "long_context_t5", None)
+    if n is None and clip is None and t5 is None:
+        return None
+    from megadiff.models.context import CLIP_WINDOW
+    from megadiff.models.context_train import long_context_settings
+
+    if n is not None:
+        check_positive("--long-context", n)
+    if clip is None:
+        clip = -(-n // CLIP_WINDOW) * CLIP_WINDOW if n is not None else CLIP_WINDOW
+    if t5 is None:
+        t5 = n if n is not None else 0
+    return long_context_settings(clip, t5, base_t5_length)
 
 
 def make_job(args):
@@ -56,7 +86,8 @@ def make_job(args):
     settings = image_settings(args)
     fmt, paths = expand_inputs(args.inputs, args.format)
     slices = select_part(plan_slices(fmt, paths, args.slice_size), args.part)
-    return Job(kind="build", schema="megadiff.train", slices=slices,
+    schema = "megadiff.train_context" if "long_context" in settings else "megadiff.train"
+    return Job(kind="build", schema=schema, slices=slices,
                settings={**settings, "format": fmt}, inputs=[str(p) for p in paths],
                read={"image_column": args.image_column, "caption_column": args.caption_column},
                identity=model_identity(settings["model"]),

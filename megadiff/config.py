@@ -158,6 +158,17 @@ class DMDConfig:
 
 
 @dataclass
+class ContextConfig:
+    """Extended text context (megadiff/models/context.py): long prompts encoded past SD3's 77
+    CLIP / max_sequence_length T5 tokens, projected by a trainable MLP into extra joint-attention
+    tokens (padding masked), trained with the transformer in one engine."""
+    enabled: bool = False
+    clip_length: int | None = None        # CLIP prompt tokens, windows of 75 (75: no CLIP extension); None: the shards'
+    t5_length: int | None = None          # T5 tokens; past model.max_sequence_length is extra (None: the shards')
+    hidden_dim: int | None = None         # projector MLP width (None: the transformer's joint_attention_dim)
+
+
+@dataclass
 class RunConfig:
     recipe: str = ""
     objectives: list[str] = field(default_factory=lambda: ["flow_matching"])
@@ -175,6 +186,7 @@ class RunConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)   # objectives: [dmd]
+    context: ContextConfig = field(default_factory=ContextConfig)   # long-prompt context extension
 
     def check_batch(self, world_size: int) -> int:
         """The global batch; raises if the configured one is inconsistent with the world size."""
@@ -360,6 +372,27 @@ def _validate(cfg: RunConfig) -> None:
         raise ValueError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3")
     if "dmd" in cfg.objectives:
         _validate_dmd(cfg.dmd)
+    if cfg.context.enabled:
+        _validate_context(cfg)
+
+
+def _validate_context(cfg: RunConfig) -> None:
+    from megadiff.models.context import check_lengths
+
+    c = cfg.context
+    if cfg.objectives != ["flow_matching"]:
+        raise ValueError(f"context.enabled trains the context projector with flow matching: use "
+                         f"objectives=[flow_matching], not {cfg.objectives}")
+    if c.hidden_dim is not None and c.hidden_dim < 1:
+        raise ValueError(f"context.hidden_dim={c.hidden_dim} must be at least 1")
+    # Unset lengths come from the shards (checked against them there); the demo sets
+    # model.max_sequence_length itself.
+    if c.clip_length is not None:
+        check_lengths(c.clip_length, 1, 0, "context.")
+    if c.t5_length is not None and c.t5_length < 0:
+        raise ValueError(f"context.t5_length={c.t5_length} must not be negative")
+    if c.clip_length is not None and c.t5_length is not None and not cfg.demo.enabled:
+        check_lengths(c.clip_length, c.t5_length, cfg.model.max_sequence_length, "context.")
 
 
 LORA_NETWORKS = ("generator", "fake_score")

@@ -252,6 +252,10 @@ def _build_todo(ctx: _Ctx, todo: list[Slice], stats: dict, slot: int, position: 
 
     device = pick_device(ctx.opts.device, ctx.env.local_rank * ctx.opts.workers + position)
     proc = PROCESSORS[ctx.job.kind](ctx.job.settings, device)
+    if ctx.job.settings.get("long_context"):   # --long-context: add the extra-context columns
+        from megadiff.models.context_train import ContextProcessor
+
+        proc = ContextProcessor(proc, ctx.job.settings)
     sizes = [s.size for s in todo]
     total = None if any(x is None for x in sizes) else sum(sizes)
     tty = sys.stderr.isatty()
@@ -394,7 +398,7 @@ def _publish(ctx: _Ctx, dones: list[dict]) -> tuple[dict, ShardSetInfo]:
 
     def info(n: int) -> ShardSetInfo:
         return ShardSetInfo(job.schema, version, tuple(g["latent_shape"]), g["text_seq_len"],
-                            g["text_dim"], g["pooled_dim"], n)
+                            g["text_dim"], g["pooled_dim"], n, g.get("context"))
 
     if plan.mode in ("fresh", "overwrite"):
         new = info(summary["written"])
@@ -496,7 +500,7 @@ def run_build(job: Job, opts: BuildOptions, env: DistEnv | None = None) -> dict 
     return summary
 
 
-_GEOMETRY_SETTINGS = ("resolution", "resize", "max_sequence_length")
+_GEOMETRY_SETTINGS = ("resolution", "resize", "max_sequence_length", "long_context")
 
 
 def _check_append_settings(out: Path, plan: shardset.Plan, job: Job) -> None:

@@ -11,6 +11,13 @@ hidden states concatenated and zero-padded to the T5 width (77 tokens), then the
   megadiff.train v1          latents (C, H/8, W/8), prompt_embeds (77 + T5 len, D),
                              pooled_prompt_embeds (P,) = CLIP-L pooled ++ CLIP-G pooled,
                              caption str, width / height int (the original image size)
+  megadiff.train_context v1  megadiff.train's columns plus the long-prompt context
+                             (`megadiff data build --long-context N`, megadiff/models/context.py):
+                             context_clip (max(1, E_clip), CLIP-L + CLIP-G width) float16,
+                             context_clip_mask (max(1, E_clip),) uint8, context_t5
+                             (max(1, E_t5), T5 width) float16, context_t5_mask uint8; E_clip and
+                             E_t5 (0 = that encoder is not extended: one masked row) and the
+                             encoding settings are `context` in megadiff_schema.json
   megadiff.prompts v1        caption str                      (data-free distillation, RL)
   megadiff.prompt_embeds v1  caption, prompt_embeds, pooled_prompt_embeds
   megadiff.pairs v1          latents_w, latents_l (preferred / other image), prompt_embeds,
@@ -56,15 +63,26 @@ PAIR_COLUMNS = {
     "caption": "str",
     "label_w": "float32",                  # 1.0, or 0.5 for a tie kept with --keep-ties
 }
+# megadiff.train plus the extra context of long prompts (megadiff/models/context.py). Masks are
+# 1 for real tokens; masked rows are zero.
+TRAIN_CONTEXT_COLUMNS = {
+    **TRAIN_COLUMNS,
+    "context_clip": "ndarray:float16",       # (max(1, E_clip), CLIP-L + CLIP-G width)
+    "context_clip_mask": "ndarray:uint8",    # (max(1, E_clip),)
+    "context_t5": "ndarray:float16",         # (max(1, E_t5), T5 width)
+    "context_t5_mask": "ndarray:uint8",      # (max(1, E_t5),)
+}
 SCHEMAS = {
     "megadiff.train": (1, TRAIN_COLUMNS),
+    "megadiff.train_context": (1, TRAIN_CONTEXT_COLUMNS),
     "megadiff.prompts": (1, PROMPT_COLUMNS),
     "megadiff.prompt_embeds": (1, PROMPT_EMBED_COLUMNS),
     "megadiff.pairs": (1, PAIR_COLUMNS),
 }
 # Columns holding latents / text, per schema: what `verify` checks shapes of.
-LATENT_COLUMNS = {"megadiff.train": ("latents",), "megadiff.pairs": ("latents_w", "latents_l")}
-TEXT_SCHEMAS = ("megadiff.train", "megadiff.prompt_embeds", "megadiff.pairs")
+LATENT_COLUMNS = {"megadiff.train": ("latents",), "megadiff.train_context": ("latents",),
+                  "megadiff.pairs": ("latents_w", "latents_l")}
+TEXT_SCHEMAS = ("megadiff.train", "megadiff.train_context", "megadiff.prompt_embeds", "megadiff.pairs")
 
 
 @dataclass(frozen=True)
@@ -76,19 +94,23 @@ class ShardSetInfo:
     text_dim: int
     pooled_dim: int
     num_samples: int = 0
+    context: dict | None = None            # megadiff.train_context: long-context geometry
 
     def write(self, shard_dir: str | Path) -> None:
         path = Path(shard_dir, SCHEMA_FILE)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
+        fields_ = asdict(self)
+        if fields_["context"] is None:     # sets without long context keep their v1 file
+            del fields_["context"]
+        tmp.write_text(json.dumps(fields_, indent=1))
         tmp.replace(path)
 
     def compatible(self, other: "ShardSetInfo") -> bool:
         """Same schema and geometry (sample counts may differ): the sets can be joined."""
         return (self.schema, self.version, tuple(self.latent_shape), self.text_seq_len,
-                self.text_dim, self.pooled_dim) == (other.schema, other.version,
-                                                    tuple(other.latent_shape), other.text_seq_len,
-                                                    other.text_dim, other.pooled_dim)
+                self.text_dim, self.pooled_dim, self.context) == (
+                    other.schema, other.version, tuple(other.latent_shape), other.text_seq_len,
+                    other.text_dim, other.pooled_dim, other.context)
 
     def describe(self) -> str:
         parts = [f"{self.schema} v{self.version}", f"{self.num_samples} samples"]
@@ -96,6 +118,9 @@ class ShardSetInfo:
             parts.append(f"latents {'x'.join(map(str, self.latent_shape))}")
         if self.text_seq_len:
             parts.append(f"text {self.text_seq_len}x{self.text_dim}, pooled {self.pooled_dim}")
+        if self.context:
+            parts.append(f"long context +{self.context['clip_extra']} CLIP, "
+                         f"+{self.context['t5_extra']} T5 tokens")
         return ", ".join(parts)
 
     @classmethod

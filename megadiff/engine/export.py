@@ -3,7 +3,9 @@
 
 The trained transformer is consolidated from the ZeRO shards (fp32 master weights, DeepSpeed's
 `get_fp32_state_dict_from_zero_checkpoint`); every other component is copied byte for byte
-from the run's base model directory.
+from the run's base model directory. A `context.enabled` run also writes its context projector
+to `OUT/context_projector/` (config.json + model.safetensors), which
+`megadiff.models.context.load_context_projector` reads; diffusers ignores that directory.
 """
 from __future__ import annotations
 
@@ -47,6 +49,11 @@ def export_run(run_dir: str | Path, to: str | Path, step: int | None = None,
     args = json.loads(run.args.read_text())
     base = sd3.check_sd3_dir(_base_model_path(run, args))
     state = consolidated_state_dict(run, tag, net)
+    projector = None
+    if args.get("context", {}).get("enabled"):   # transformer + context projector in one module
+        from megadiff.models.context_train import split_state
+
+        state, projector = split_state(state, args, base)
     from diffusers import SD3Transformer2DModel
 
     transformer = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(base / "transformer"))
@@ -58,6 +65,10 @@ def export_run(run_dir: str | Path, to: str | Path, step: int | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("transformer"))
     transformer.to(sd3.DTYPES[dtype]).save_pretrained(tmp / "transformer")
+    if projector is not None:   # loader: megadiff.models.context.load_context_projector
+        from megadiff.models.context import PROJECTOR_DIR
+
+        projector.to(sd3.DTYPES[dtype]).save_pretrained(tmp / PROJECTOR_DIR)
     (tmp / "megadiff_export.json").write_text(json.dumps(
         {"run": str(run.root.resolve()), "checkpoint": tag, "base_model": str(base), "dtype": dtype},
         indent=1))
