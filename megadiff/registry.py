@@ -1,9 +1,10 @@
 """Name -> class for objectives; the trainer class is composed from a recipe's list."""
 from __future__ import annotations
 
+from megadiff.objectives.dmd import DMD
 from megadiff.objectives.flow_matching import FlowMatching
 
-OBJECTIVES: dict[str, type] = {"flow_matching": FlowMatching}
+OBJECTIVES: dict[str, type] = {"flow_matching": FlowMatching, "dmd": DMD}
 
 
 def compose_trainer(names: list[str]) -> type:
