@@ -33,7 +33,8 @@ def _make_tiny(args) -> None:
 def _export(args) -> None:
     from megadiff.engine.export import export_run
 
-    print(export_run(args.run, args.to, step=args.step, dtype=args.dtype, overwrite=args.overwrite))
+    print(export_run(args.run, args.to, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
+                     net=args.net))
 
 
 def _info(args) -> None:
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--to", required=True, help="new output directory")
     e.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     e.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    e.add_argument("--net", default="transformer",
+                   help="trained network to export (transformer; generator for DMD runs)")
     i = sub.add_parser("info", help="resolved config, DeepSpeed config, parameters and FLOPs")
     i.add_argument("--recipe", required=True)
     i.add_argument("--world-size", type=int, default=1)

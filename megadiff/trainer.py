@@ -231,7 +231,7 @@ class BaseTrainer(Objective):
             self.logger.text(f"training {type(self).__mro__[1].__name__} on {self.world_size} rank(s), "
                              f"global batch {self.global_batch}, from step {self.step} to {cfg.max_steps}")
         bar = progress_bar(cfg.max_steps, self.step, self.cfg.logging.progress, self.rank)
-        acc: dict[str, float] = {}
+        acc: dict[str, list] = {}          # loss term -> [sum, micro-steps]
         grad_norms: dict[str, float] = {}
         n_acc, t_interval = 0, time.perf_counter()
         peak = device_peak_tflops(self.cfg.logging.peak_tflops)
@@ -280,8 +280,10 @@ class BaseTrainer(Objective):
             engine.backward(loss)
             engine.step()
             done += 1
-            for k, v in terms.items():
-                acc[f"loss/{k}"] = acc.get(f"loss/{k}", 0.0) + float(v.detach()) / accumulation
+            for k, v in terms.items():      # [sum, count] per term: terms of nets that step
+                total = acc.setdefault(f"loss/{k}", [0.0, 0])   # less often average correctly
+                total[0] += float(v.detach())
+                total[1] += 1
         norm = engine.get_global_grad_norm()
         if norm is None:                 # DeepSpeed keeps no norm for ZeRO-0 with fp32
             return float("nan")
@@ -321,7 +323,7 @@ class BaseTrainer(Objective):
 
     def _log(self, acc: dict, n: int, grad_norms: dict, elapsed: float, peak: float | None) -> None:
         keys = sorted(acc)
-        vals = torch.tensor([acc[k] / n for k in keys], dtype=torch.float64)
+        vals = torch.tensor([acc[k][0] / acc[k][1] for k in keys], dtype=torch.float64)
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(vals)
             vals /= self.world_size

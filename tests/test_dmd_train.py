@@ -129,3 +129,15 @@ def test_bad_dmd_input_is_one_line_before_any_work(tiny_model, tiny_shards, tmp_
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("megadiff: error: dmd.update_ratio=0 must be at least 1")
     assert not out.exists()
+
+
+def test_export_of_the_few_step_generator_loads_in_the_pipeline(ref_run, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    r = run_cli(["export", "--run", str(ref_run), "--net", "generator", "--to", str(tmp_path / "g")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "g")
+    state = pipe.transformer.state_dict()
+    trained = weights(ref_run, "generator")
+    assert all(torch.equal(state[k], trained[k]) for k in trained)
+    assert pipe("a red square", num_inference_steps=2, height=64, width=64).images[0].size == (64, 64)

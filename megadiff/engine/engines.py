@@ -31,7 +31,11 @@ def build_engine(module: torch.nn.Module, ds_config: dict, optim: OptimConfig, m
     assert params, "a trainable network has no trainable parameters"
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, max_steps))
     if offloads_optimizer(ds_config):
-        optimizer = None          # DeepSpeed builds DeepSpeedCPUAdam from ds_config["optimizer"]
+        # DeepSpeed builds DeepSpeedCPUAdam from ds_config["optimizer"]: this network's settings.
+        ds_config = {**ds_config, "optimizer": {"type": "AdamW", "params": {
+            "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+            "weight_decay": optim.weight_decay}}}
+        optimizer = None
     else:
         # A client torch AdamW needs no C++ op build (DeepSpeed's FusedAdam would).
         optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
