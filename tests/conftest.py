@@ -3,6 +3,7 @@ through the same code users run (`make_tiny_sd3`, `write_train_shards`)."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -81,3 +82,22 @@ def read_jsonl(path: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def kill_after_checkpoint(cmd: list[str], env: dict, marker: str = "saved checkpoint",
+                          timeout: float = 300) -> None:
+    """Start `cmd`, SIGKILL its whole process group once `marker` appears on stdout."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if marker in line:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        else:
+            pytest.fail("run ended before the checkpoint was written:\n" + "".join(seen[-30:]))
+    finally:
+        proc.wait(timeout=timeout)
+        proc.stdout.close()

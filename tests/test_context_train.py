@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from test_data_support import build, read_streaming
-from test_resume import kill_after_checkpoint
+from conftest import kill_after_checkpoint
 
 from conftest import clean_env, read_jsonl, run_cli, tiny_train_args
 from megadiff.models import sd3

@@ -6,15 +6,13 @@ teacher's images from the same noise; bad input stops with one line before any w
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import clean_env, read_jsonl, run_cli
+from conftest import clean_env, kill_after_checkpoint, read_jsonl, run_cli
 
 STEPS = 4
 
@@ -29,24 +27,6 @@ def dmd_args(model, shards, out, *overrides):
 
 def _env():
     return clean_env(OMP_NUM_THREADS="1")
-
-
-def kill_after_checkpoint(cmd: list[str], env: dict, marker: str = "saved checkpoint") -> None:
-    """Start `cmd`; SIGKILL its process group as soon as `marker` appears on its output."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    seen = []
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if marker in line:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-        else:
-            pytest.fail("the run ended before writing a checkpoint:\n" + "".join(seen[-30:]))
-    finally:
-        proc.wait(timeout=300)
-        proc.stdout.close()
 
 
 @pytest.fixture(scope="module")

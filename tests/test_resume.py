@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import clean_env, read_jsonl, run_cli, tiny_train_args
+from conftest import clean_env, kill_after_checkpoint, read_jsonl, run_cli, tiny_train_args
 
 
 def final_weights(out, tag="step-12"):
@@ -19,24 +19,6 @@ def final_weights(out, tag="step-12"):
     from megadiff.engine.run_dir import RunDir
 
     return consolidated_state_dict(RunDir(out), tag, "transformer")
-
-
-def kill_after_checkpoint(cmd: list[str], env: dict, marker: str, timeout: float = 300) -> None:
-    """Start `cmd`, SIGKILL its whole process group once `marker` appears on stdout."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
-    seen = []
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if marker in line:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-        else:
-            pytest.fail("run ended before the checkpoint was written:\n" + "".join(seen[-30:]))
-    finally:
-        proc.wait(timeout=timeout)
-        proc.stdout.close()
 
 
 @pytest.mark.parametrize("ranks, extra", [
