@@ -225,7 +225,6 @@ class StepResult:
     bare: LoopTimes
     ds: LoopTimes
     load: str = ""                   # machine load at the end of the timed steps
-    grad_norm_missing: bool = False  # DeepSpeed returned no grad norm (see loop._grad_norm_or_zero)
 
     @property
     def ratio(self) -> float:
@@ -318,7 +317,7 @@ def step_overhead(s: Settings, model_dir: Path) -> StepResult:
                 done.append(f"{name} {sum(phases.values()):.2f} s")
             progress(f"step {i + 1}/{total}{'' if timed else ' (warm-up)'}: {', '.join(done)}")
         return StepResult(description=describe(shape, n_params, "fp32"), ds_config=ds_cfg,
-                          bare=bare, ds=ds, load=load_note(), grad_norm_missing=t_ds.grad_norm_missing)
+                          bare=bare, ds=ds, load=load_note())
     finally:
         launch.remove_shm_files(port, os.environ.get("MASTER_ADDR", launch.MASTER_ADDR))
 
@@ -351,10 +350,6 @@ def format_step(r: StepResult, s: Settings) -> str:
         f"CPU s: CPU seconds of this process per step (all threads)",
         f"   machine at the end: {r.load}",
     ]
-    if r.grad_norm_missing:
-        notes.append("   note: this DeepSpeed config reports no gradient norm (get_global_grad_norm() is None: "
-                     "ZeRO-0 + fp32 + client optimizer); BaseTrainer._step_network stops a run on that, "
-                     "so the bench read it as 0.0")
     return "\n".join(notes)
 
 

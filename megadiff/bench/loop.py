@@ -46,7 +46,6 @@ def trainer_shim(cfg, nets: dict, batch: dict, seed: int = 0, rank: int = 0, wor
     t.rank, t.world_size = rank, world_size
     t.step, t.consumed_samples, t.skipped, t.consecutive_nonfinite = 0, 0, 0, 0
     t.logger, t.run = _Log(), _NoRun()
-    t.grad_norm_missing = False
     t.next_batch = lambda: batch
     return t
 
@@ -88,28 +87,6 @@ def timed_methods(obj, names: tuple[str, ...], sink: dict[str, float],
             object.__delattr__(obj, name)
 
 
-@contextlib.contextmanager
-def _grad_norm_or_zero(engine, t) -> Iterator[None]:
-    """DeepSpeed reports no gradient norm (None) for ZeRO-0 with fp32 and a client optimizer
-    (`clip_fp32_gradients` drops it), and `_step_network` stops the run on a missing norm.
-    Within the block a missing norm reads 0.0 and `t.grad_norm_missing` is set, so the bench
-    can time that configuration and say so."""
-    fn = engine.get_global_grad_norm
-
-    def norm():
-        n = fn()
-        if n is None:
-            t.grad_norm_missing = True
-            return 0.0
-        return n
-
-    object.__setattr__(engine, "get_global_grad_norm", norm)
-    try:
-        yield
-    finally:
-        object.__delattr__(engine, "get_global_grad_norm")
-
-
 def ds_iteration(t, before_last_step: Callable[[], None] | None = None) -> dict[str, float]:
     """One iteration of `BaseTrainer.fit`: `_step_network` for each network that steps.
 
@@ -135,8 +112,7 @@ def ds_iteration(t, before_last_step: Callable[[], None] | None = None) -> dict[
                 calls["n"] += 1
                 if calls["n"] == gas:
                     before_last_step()
-        with timed_methods(engine, ("backward", "step"), sink, {"step": hook} if hook else None), \
-                _grad_norm_or_zero(engine, t):
+        with timed_methods(engine, ("backward", "step"), sink, {"step": hook} if hook else None):
             step_network(net, acc)
     t.step += 1
     t.consumed_samples += t.cfg.data.micro_batch_size * gas * t.world_size
