@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megadiff.engine.run_dir import RunDir
+from megadiff.errors import RunStopped
 
 
 def tag_for(step: int) -> str:
@@ -54,12 +55,23 @@ def save(run: RunDir, engines: dict, trainer_state: dict, rng_state: dict, rank:
     if rank == 0 and ckpt.exists():      # left by a crash mid-save; `latest` never named it
         shutil.rmtree(ckpt)
     _barrier()
-    for name, engine in engines.items():
-        engine.save_checkpoint(str(ckpt), tag=name, save_latest=False)
-    (ckpt / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state, ckpt / "rng" / f"rank{rank}.pt")
-    if rank == 0:
-        (ckpt / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    try:
+        for name, engine in engines.items():
+            engine.save_checkpoint(str(ckpt), tag=name, save_latest=False)
+        (ckpt / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state, ckpt / "rng" / f"rank{rank}.pt")
+        if rank == 0:
+            (ckpt / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    except (OSError, RuntimeError) as e:  # disk full, permissions (torch.save wraps some as RuntimeError)
+        previous = run.latest.read_text().strip() if run.latest.is_file() else None
+        free_mb = shutil.disk_usage(run.checkpoints).free / 2**20
+        if rank == 0:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        raise RunStopped(f"could not write checkpoint {ckpt} ({str(e).splitlines()[0]}; {free_mb:.0f} MB "
+                         f"free): free space or "
+                         f"fix permissions under {run.checkpoints}, then --resume auto; "
+                         + (f"the previous checkpoint {previous} is intact" if previous
+                            else "no earlier checkpoint exists")) from None
     _barrier()
     if rank == 0:
         run.write_latest(tag)
@@ -111,7 +123,7 @@ def load(run: RunDir, engines: dict, rank: int, world_size: int,
     """Load `tag` (default: latest) into the engines; returns (trainer_state, this rank's RNG
     state or None when the checkpoint was written with another rank count). A checkpoint from
     another rank count is loaded through DeepSpeed's universal checkpoint format; the engines
-    must then have been built with `checkpoint.load_universal` (see `elastic_ds_config`)."""
+    must then have been built with `checkpoint.load_universal` (BaseTrainer.__init__ sets it)."""
     tag = tag or run.latest_tag()
     assert tag is not None, "load() called without a checkpoint"
     ckpt = run.tag_dir(tag)
