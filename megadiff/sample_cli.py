@@ -134,8 +134,7 @@ def run_sample(args: argparse.Namespace) -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = sd3.DTYPES[cfg.model.precision] if device.type == "cuda" else torch.float32
-    vae_cfg = sd3.vae_config(base)
-    down = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    down = sd3.vae_scale_factor(sd3.vae_config(base))
     if args.resolution or cfg.validation.resolution:
         side = (args.resolution or cfg.validation.resolution) // down
         h = w = side

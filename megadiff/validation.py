@@ -41,8 +41,7 @@ def prompt_embeddings(trainer, prompts: list[str]) -> dict[str, torch.Tensor]:
 def latent_size(trainer) -> tuple[int, int]:
     v = trainer.cfg.validation
     if v.resolution is not None:
-        blocks = len(json.loads((trainer.model_path / "vae" / "config.json").read_text())["block_out_channels"])
-        side = v.resolution // 2 ** (blocks - 1)
+        side = v.resolution // sd3.vae_scale_factor(sd3.vae_config(trainer.model_path))
         return side, side
     assert trainer.shards is not None, "validation.resolution must be set for remote shards"
     return tuple(trainer.shards.latent_shape[1:])

@@ -14,7 +14,7 @@ from test_data_support import (build, by_key, keys_of, read_streaming, reference
 from megadiff.data.encode import sample_seed
 from megadiff.data.schema import SCHEMA_FILE, ShardSetInfo
 from megadiff.data.verify import verify_set
-from megadiff.data.writer import pil_to_tensor
+from megadiff.data.images import pil_to_tensor
 from megadiff.models import sd3
 
 

@@ -14,7 +14,7 @@ from test_data_support import keys_of, read_streaming, reference, run_job
 from megadiff.data.encode import sample_seed
 from megadiff.data.schema import ShardSetInfo
 from megadiff.data.verify import verify_set
-from megadiff.data.writer import pil_to_tensor
+from megadiff.data.images import pil_to_tensor
 from megadiff.models import sd3
 
 PROMPTS = ["a photo of a cat", "", "an astronaut riding a horse", "   ",

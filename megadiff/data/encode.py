@@ -40,7 +40,7 @@ def default_resolution(model_path: str | Path) -> int:
     """The transformer's native resolution: sample_size x the VAE's downsampling factor."""
     tc = sd3.transformer_config(model_path)
     vc = sd3.vae_config(model_path)
-    return int(tc["sample_size"]) * 2 ** (len(vc["block_out_channels"]) - 1)
+    return int(tc["sample_size"]) * sd3.vae_scale_factor(vc)
 
 
 def model_identity(model_path: str | Path) -> dict:

@@ -17,6 +17,7 @@ from megadiff.data.encode import Encoders, sample_seed
 from megadiff.data.images import (BadImage, aspect_buckets, cover_and_crop, nearest_bucket,
                                   open_image, to_tensor)
 from megadiff.data.sources import Item, Skip
+from megadiff.models import sd3
 
 
 @dataclass
@@ -37,6 +38,11 @@ def _finite(*arrays: np.ndarray) -> bool:
 class _ImageMixin:
     """Decode + fit images to a square of `resolution` (center crop) or to the nearest
     aspect-ratio bucket."""
+
+    def __init__(self, settings: dict, device: str):
+        self._setup_images(settings)
+        self.enc = Encoders(settings["model"], settings["dtype"], device,
+                            max_sequence_length=settings["max_sequence_length"])
 
     def _setup_images(self, s: dict) -> None:
         self.resolution = int(s["resolution"])
@@ -66,7 +72,7 @@ class _ImageMixin:
     def geometry(self, record: dict) -> dict:
         g = geometry(self.schema, record)
         if self.buckets:   # mixed shapes: the set's nominal shape is the square bucket's
-            f = 2 ** (len(self.enc.vae.config.block_out_channels) - 1)
+            f = sd3.vae_scale_factor(self.enc.vae.config)
             g["latent_shape"] = [g["latent_shape"][0], self.resolution // f, self.resolution // f]
         return g
 
@@ -88,11 +94,6 @@ class TrainProcessor(_ImageMixin):
     schema = "megadiff.train"
     unit = "img"
 
-    def __init__(self, settings: dict, device: str):
-        self._setup_images(settings)
-        self.enc = Encoders(settings["model"], settings["dtype"], device,
-                            max_sequence_length=settings["max_sequence_length"])
-
     def encode(self, batch: list[Prepared]) -> list[tuple[str, dict] | Skip]:
         keys = [p.item.key for p in batch]
         latents = self._latents([p.pixels[0] for p in batch], keys)
@@ -110,11 +111,6 @@ class TrainProcessor(_ImageMixin):
 class PairProcessor(_ImageMixin):
     schema = "megadiff.pairs"
     unit = "pair"
-
-    def __init__(self, settings: dict, device: str):
-        self._setup_images(settings)
-        self.enc = Encoders(settings["model"], settings["dtype"], device,
-                            max_sequence_length=settings["max_sequence_length"])
 
     def encode(self, batch: list[Prepared]) -> list[tuple[str, dict] | Skip]:
         keys = [f"{p.item.key}#{side}" for p in batch for side in ("w", "l")]

@@ -481,7 +481,6 @@ def _iter_wds(s: Slice) -> Iterator[Item | Skip]:
 
 
 def _iter_prompts(s: Slice) -> Iterator[Item | Skip]:
-    path = Path(s.path)
     for i, raw in _iter_lines(s):
         key = f"{s.name}:{i + 1}"
         cap = _caption(raw, key)

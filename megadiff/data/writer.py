@@ -12,7 +12,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from megadiff.data.images import pil_to_tensor  # noqa: F401  (re-exported: tests and callers)
 from megadiff.data.schema import DONE_FILE, KEYS_FILE, SCHEMAS, SKIPPED_FILE, ShardSetInfo
 from megadiff.data.sources import Skip
 

@@ -48,6 +48,11 @@ def vae_config(path: str | Path) -> dict:
     return json.loads((check_sd3_dir(path) / "vae" / "config.json").read_text())
 
 
+def vae_scale_factor(vae_cfg: dict) -> int:
+    """Pixels per latent pixel: 2^(number of VAE blocks - 1), as diffusers' SD3 pipeline has it."""
+    return 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+
+
 def load_transformer(path: str | Path, dtype: torch.dtype = torch.float32):
     from diffusers import SD3Transformer2DModel
 
