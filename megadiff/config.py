@@ -169,6 +169,47 @@ class ContextConfig:
 
 
 @dataclass
+class RewardConfig:
+    """One frozen reward model (megadiff/rewards/), loaded from local files only."""
+    kind: Literal["hpsv2", "clip", "pickscore", "aesthetic", "imagereward"] = "hpsv2"
+    path: str | None = None               # HPS_v2.1_compressed.pt, open_clip_pytorch_model.bin, HF dir, .pth
+    weight: float = 1.0                   # weight of this reward in a weighted sum
+    arch: str | None = None               # open_clip architecture name or model-config JSON (default ViT-H-14)
+    clip_path: str | None = None          # aesthetic: the CLIP ViT-L/14 tower its MLP reads
+    name: str | None = None               # label in logs and eval tables (default: kind)
+
+
+# ---- objective sections: each owned by its objective's file; fields documented there ------
+@dataclass
+class ReFLConfig:
+    """ReFL (megadiff/objectives/refl.py)."""
+    loss: Literal["hinge", "neg"] = "hinge"
+    margin: float = 0.7
+    weight: float = 1.0
+    prompt_prefix: str = ""
+
+
+@dataclass
+class SRPOConfig:
+    """SRPO as DMDR uses it (megadiff/objectives/srpo.py)."""
+    k: float = 0.1
+    weight: float = 1.0
+
+
+@dataclass
+class DPOConfig:
+    """Diffusion-DPO (megadiff/objectives/dpo.py)."""
+    beta: float = 5000.0
+    sft: bool = False
+
+
+@dataclass
+class SDPOConfig:
+    """SDPO (megadiff/objectives/sdpo.py)."""
+    num_steps: int = 4
+
+
+@dataclass
 class RunConfig:
     recipe: str = ""
     objectives: list[str] = field(default_factory=lambda: ["flow_matching"])
@@ -187,6 +228,11 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)   # objectives: [dmd]
     context: ContextConfig = field(default_factory=ContextConfig)   # long-prompt context extension
+    rewards: list[RewardConfig] = field(default_factory=list)      # frozen reward models (refl, srpo, sdpo, eval)
+    refl: ReFLConfig = field(default_factory=ReFLConfig)
+    srpo: SRPOConfig = field(default_factory=SRPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    sdpo: SDPOConfig = field(default_factory=SDPOConfig)
 
     def check_batch(self, world_size: int) -> int:
         """The global batch; raises if the configured one is inconsistent with the world size."""
