@@ -62,6 +62,7 @@ class BaseTrainer(Objective):
                                                   cfg.train.max_steps)
             else:
                 self.frozen[name] = build_frozen(module, self.ds_config, self.device, self.compute_dtype)
+        self.build_extras()
         self.loader = make_train_loader(cfg.data, cfg.seed)
         self._data_iter = None
         self._sample_log: list | None = [] if cfg.train.log_samples else None

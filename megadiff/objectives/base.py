@@ -26,6 +26,10 @@ class Objective:
         """Trainable networks that take an optimizer step at `step`, in order."""
         return []
 
+    def build_extras(self) -> None:
+        """Build frozen parts that are not transformers (VAE, reward models) once the engines
+        exist; they are never optimised and never saved in checkpoints."""
+
     def loss_terms(self, net: str, batch: dict, step: int) -> dict[str, torch.Tensor]:
         """Named scalar loss terms whose sum is back-propagated into `net`'s engine."""
         return {}
