@@ -76,7 +76,7 @@ def network_state_dict(run, tag: str, net: str) -> dict[str, torch.Tensor]:
         from megadiff.engine.export import consolidated_state_dict
 
         return consolidated_state_dict(run, tag, net)
-    states = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() for k, v in states["module"].items()}
 
 

@@ -118,6 +118,17 @@ def convert_to_universal(ckpt: Path, net: str) -> None:
     tmp.rename(out)
 
 
+def _unsafe_files(ckpt: Path) -> str | None:
+    """DeepSpeed unpickles its states in full: check them with the restricted unpickler first."""
+    from megadiff.engine.safe_load import check_checkpoint_dir
+
+    try:
+        check_checkpoint_dir(ckpt)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def load(run: RunDir, engines: dict, rank: int, world_size: int,
          tag: str | None = None) -> tuple[dict, dict | None]:
     """Load `tag` (default: latest) into the engines; returns (trainer_state, this rank's RNG
@@ -133,11 +144,18 @@ def load(run: RunDir, engines: dict, rank: int, world_size: int,
         if not (ckpt / name).is_dir():
             raise ValueError(f"{ckpt} has no state for network {name!r}: it was written by a "
                              "run with other objectives; resume with the same recipe")
-    if elastic:
-        if rank == 0:
+    problem = None
+    if rank == 0:
+        if elastic:
             for name in engines:
                 convert_to_universal(ckpt, name)
-        _barrier()
+        problem = _unsafe_files(ckpt)
+    if dist.is_initialized():
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem is not None:
+        raise ValueError(problem)
     for name, engine in engines.items():
         assert engine.load_universal_checkpoint() == elastic, "engine built without load_universal"
         path, _ = engine.load_checkpoint(str(ckpt), tag=universal_tag(name) if elastic else name,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from megadiff.engine.checkpoint import tag_for
+from megadiff.engine.safe_load import check_checkpoint_dir
 from megadiff.engine.run_dir import RunDir
 from megadiff.models import sd3
 
@@ -26,6 +27,7 @@ def consolidated_state_dict(run: RunDir, tag: str, net: str) -> dict[str, torch.
     ckpt = run.tag_dir(tag)
     if not (ckpt / net).is_dir():
         raise ValueError(f"{ckpt} holds no {net!r} network: nothing to export")
+    check_checkpoint_dir(ckpt / net)       # DeepSpeed's reader unpickles in full
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=net)
 
 
