@@ -357,6 +357,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ValueError(errors[0])
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):   # YAML reads on/off as booleans
+            value = "on" if value else "off"
         if value not in args:
             raise ValueError(f"{key}={value!r} is not allowed: choose one of {', '.join(map(str, args))}")
         return value

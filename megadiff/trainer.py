@@ -35,6 +35,8 @@ class BaseTrainer(Objective):
         self.dist_env = setup_dist_env()
         self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
         self.global_batch = cfg.check_batch(self.world_size)
+        if cfg.demo.enabled:           # the demo's paths are part of the run's identity
+            self._use_demo_paths()
         self.resuming = self.run.check_can_start(cfg.to_dict(), resume)
         if not cfg.demo.enabled:       # fail on bad paths before any process group exists
             self._check_inputs()
@@ -52,6 +54,7 @@ class BaseTrainer(Objective):
         if self.resuming and checkpoint.saved_world_size(self.run) != self.world_size:
             self.ds_config["checkpoint"] = {"load_universal": True}   # elastic resume
         self.compute_dtype = sd3.DTYPES[cfg.model.precision]
+        self._metrics: dict[str, float] = {}
         self.specs = self.networks()
         self.engines: dict[str, object] = {}
         self.frozen: dict[str, torch.nn.Module] = {}
@@ -67,6 +70,7 @@ class BaseTrainer(Objective):
         self._data_iter = None
         self._sample_log: list | None = [] if cfg.train.log_samples else None
         self.step, self.consumed_samples, self.skipped, self.consecutive_nonfinite = 0, 0, 0, 0
+        self.consecutive_bad_grads = 0
         if self.resuming:
             self._resume()
         self.logger = MetricsLogger(self.run.loss_logs, self.run.log, cfg.to_dict(), self.rank,
@@ -93,8 +97,7 @@ class BaseTrainer(Objective):
         from megadiff.data.writer import write_train_shards
         from megadiff.models.tiny import TINY_RESOLUTION, TINY_T5_MAX_LENGTH, make_tiny_sd3
 
-        demo = self.run.root / "demo"
-        model_dir, shard_dir = demo / "model", demo / "shards"
+        model_dir, shard_dir = Path(self.cfg.model.path), Path(self.cfg.data.local)
         if self.rank == 0:
             if not (model_dir / "model_index.json").is_file():
                 _clear(model_dir)
@@ -107,9 +110,14 @@ class BaseTrainer(Objective):
                                                             self.cfg.seed),
                                    model_dir, TINY_RESOLUTION, TINY_T5_MAX_LENGTH, seed=self.cfg.seed)
         _barrier()
-        self.cfg.model.path = str(model_dir)
+
+    def _use_demo_paths(self) -> None:
+        from megadiff.models.tiny import TINY_T5_MAX_LENGTH
+
+        demo = self.run.root / "demo"
+        self.cfg.model.path = str(demo / "model")
         self.cfg.model.max_sequence_length = TINY_T5_MAX_LENGTH
-        self.cfg.data.local, self.cfg.data.remote = str(shard_dir), None
+        self.cfg.data.local, self.cfg.data.remote = str(demo / "shards"), None
 
     def _check_inputs(self) -> None:
         self.model_path = sd3.check_sd3_dir(self.cfg.model.path)
@@ -181,6 +189,11 @@ class BaseTrainer(Objective):
                      pooled_projections=pool.to(self.device, dt),
                      timestep=(sigma * 1000).to(self.device, torch.float32), return_dict=False, **extra)[0]
         return out.float()
+
+    def record_metric(self, name: str, value) -> None:
+        """A logged-only value of the current micro-batch (never back-propagated), logged as
+        `metric/<name>` and averaged over the micro-steps that recorded it, like a loss term."""
+        self._metrics[name] = float(value)
 
     def next_batch(self) -> dict:
         if self._data_iter is None:
@@ -269,9 +282,10 @@ class BaseTrainer(Objective):
         """
         engine = self.engines[net]
         accumulation = self.cfg.data.gradient_accumulation_steps
-        done = 0
+        done, skipped_before = 0, engine.skipped_steps
         while done < accumulation:
             terms = self.loss_terms(net, self.next_batch(), self.step)
+            metrics, self._metrics = self._metrics, {}
             assert terms, f"no loss terms for network {net} at step {self.step}"
             loss = sum(terms.values())
             if not self._finite_on_all_ranks(loss):
@@ -285,15 +299,37 @@ class BaseTrainer(Objective):
                 total = acc.setdefault(f"loss/{k}", [0.0, 0])   # less often average correctly
                 total[0] += float(v.detach())
                 total[1] += 1
+            for k, v in metrics.items():
+                total = acc.setdefault(f"metric/{k}", [0.0, 0])
+                total[0] += v
+                total[1] += 1
         norm = engine.get_global_grad_norm()
         if norm is None:                 # DeepSpeed keeps no norm for ZeRO-0 with fp32
             return float("nan")
         norm = float(norm)
-        if not math.isfinite(norm):
-            raise RunStopped(f"network {net} got a non-finite gradient norm at iteration {self.step + 1}; "
-                             f"nothing was saved: resume from {self.run.latest} with a lower optim.lr "
-                             "or optim.grad_clip")
+        if math.isfinite(norm):
+            self.consecutive_bad_grads = 0
+            return norm
+        if engine.skipped_steps == skipped_before:     # the update went through (ZeRO-0)
+            raise RunStopped(f"network {net} got a non-finite gradient norm at iteration {self.step + 1} "
+                             f"and ZeRO stage 0 applied it; nothing was saved: resume from "
+                             f"{self.run.latest} with a lower optim.lr or optim.grad_clip")
+        self._skip_bad_gradient(net)
         return norm
+
+    def _skip_bad_gradient(self, net: str) -> None:
+        """ZeRO stages 1-3 discard an optimizer step whose gradient norm is NaN/Inf (DeepSpeed's
+        overflow check, counted in `engine.skipped_steps`): the weights are still the last good
+        ones. Count it; after `train.max_consecutive_nonfinite` in a row save them and stop."""
+        self.consecutive_bad_grads += 1
+        self.logger.text(f"skipped the optimizer step of {net} at iteration {self.step + 1}: non-finite "
+                         f"gradient norm ({self.consecutive_bad_grads} in a row)")
+        limit = self.cfg.train.max_consecutive_nonfinite
+        if self.consecutive_bad_grads >= limit:
+            tag = self.save()
+            raise RunStopped(f"{limit} optimizer steps in a row had a non-finite gradient at iteration "
+                             f"{self.step + 1}; the last good state is saved as {tag}: lower optim.lr "
+                             "or optim.grad_clip, then --resume auto")
 
     def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
         ok = torch.isfinite(loss.detach()).all().float().reshape(1).cpu()
