@@ -36,6 +36,9 @@ setup(
     package_data={"megadiff": ["recipes/*.yaml", "ds_configs/*.json"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    # hps: HPSv2's own scoring code for tests/test_rewards_hps.py; hpsv2x itself goes in with
+    # `pip install --no-deps hpsv2x==1.2.0` (its pins protobuf<4, pytest==7.2.0 break wandb/pytest)
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"],
+                    "hps": ["clint==0.5.1", "args==0.1.0", "braceexpand==0.1.7", "webdataset==1.0.2"]},
     entry_points={"console_scripts": ["megadiff=megadiff.cli:main"]},
 )

@@ -32,3 +32,13 @@ class RewardModel(nn.Module):
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return self.score_features(self.image_features(images), self.text_features(prompts))
+
+    @torch.no_grad()
+    def score_pil(self, images: list, prompts: list[str]) -> torch.Tensor:
+        """Evaluation: PIL images (any sizes) -> [B] float32 scores, one image at a time."""
+        from torchvision.transforms.functional import pil_to_tensor
+
+        assert len(images) == len(prompts), (len(images), len(prompts))
+        out = [self(pil_to_tensor(im.convert("RGB")).float().div(255).unsqueeze(0), [p])
+               for im, p in zip(images, prompts)]
+        return torch.cat(out).float().cpu()
