@@ -177,18 +177,26 @@ def test_missing_and_truncated_checkpoints_fail_at_load(tiny_rewards, tmp_path):
     _one_line(e, str(broken), "CLIPModel directory", "from_pretrained failed")
 
 
-def test_hps_training_checkpoint_with_metadata_loads(tiny_rewards, tmp_path):
-    """HPSv2 training checkpoints pickle more than tensors; they load as HPSv2's torch.load does."""
+def test_hps_training_checkpoint_with_pickled_metadata_is_refused(tiny_rewards, tmp_path):
+    """HPSv2 training checkpoints pickle more than tensors; megadiff never unpickles them in
+    full: one line naming the file and the command that keeps just the weights, which load."""
     import argparse
+    import subprocess
+    import sys
 
     hps = tiny_rewards["hpsv2"]
     state = torch.load(hps.path, weights_only=True)["state_dict"]
     full = tmp_path / "epoch_3.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3,
                 "args": argparse.Namespace(lr=1e-5)}, full)
+    with pytest.raises(ValueError) as e:
+        load_reward(RewardConfig(kind="hpsv2", path=str(full), arch=hps.arch))
+    _one_line(e, str(full), "weights_only=True")
+    command = str(e.value).split("python -c ")[1].split(" and point path")[0]
+    subprocess.run(f"{sys.executable} -c {command}", shell=True, check=True, cwd=tmp_path)  # noqa: S602
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        got = load_reward(RewardConfig(kind="hpsv2", path=str(full), arch=hps.arch))(images, PROMPTS)
+        got = load_reward(RewardConfig(kind="hpsv2", path=str(tmp_path / "weights.pt"), arch=hps.arch))(images, PROMPTS)
         torch.testing.assert_close(got, load_reward(hps)(images, PROMPTS), rtol=0, atol=0)
 
 

@@ -38,12 +38,15 @@ def load_state_dict_file(label: str, path: Path, expected: str,
     `load_state_dict` accepts both); a leading `module.` (DDP) is stripped like open_clip's
     and HPSv2's `load_state_dict` do."""
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # a complete file that pickles more than tensors (training metadata): read it the
-            # way HPSv2's img_score and DMDR do (a full unpickle of the user's own local file)
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # A complete file that pickles more than tensors (e.g. a training checkpoint with its
+        # argparse Namespace): HPSv2's img_score unpickles it in full; megadiff does not.
+        raise ValueError(f"{label}: {path} pickles objects besides tensors ({first_line(e)[:120]}); "
+                         "megadiff loads reward weights with weights_only=True only: if you trust the "
+                         "file, keep just its weights with python -c \"import torch; "
+                         f"torch.save({{'{key or 'state_dict'}': torch.load('{path}', weights_only=False)"
+                         f"['{key or 'state_dict'}']}}, 'weights.pt')\" and point path at weights.pt") from None
     except Exception as e:  # truncated zip, not a torch file
         raise bad_file(label, path, expected, f"torch.load failed: {first_line(e)}") from None
     if key is not None and (key_required or (isinstance(obj, Mapping) and key in obj)):
