@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "tqdm>=4.66",
     "pyarrow>=14",
+    "torch-fidelity==0.4.0",     # FID/KID in `megadiff eval` (local Inception weights only)
 ]
 
 setup(

@@ -78,40 +78,15 @@ def bench_builder(model: Path, images: Path, out: Path, resolution: int, batch: 
 
 
 def _synthetic_set(out: Path, n: int) -> Path:
-    import numpy as np
-    from streaming import MDSWriter
+    from megadiff.bench.data_loader import synthetic_set
 
-    from megadiff.data.schema import TRAIN_COLUMNS, ShardSetInfo
-
-    rng = np.random.default_rng(0)
-    lat = rng.standard_normal((16, 64, 64)).astype(np.float16)
-    emb = rng.standard_normal((333, 4096)).astype(np.float16)
-    pooled = rng.standard_normal(2048).astype(np.float16)
-    with MDSWriter(out=str(out), columns=TRAIN_COLUMNS, size_limit=1 << 27) as w:
-        for i in range(n):
-            w.write({"latents": lat, "prompt_embeds": emb, "pooled_prompt_embeds": pooled,
-                     "caption": f"sample {i}", "width": 512, "height": 512})
-    ShardSetInfo("megadiff.train", 1, (16, 64, 64), 333, 4096, 2048, n).write(out)
-    return out
+    return synthetic_set(out, n)
 
 
 def bench_reader(root: Path, workers: int, batch: int = 8, epochs: int = 2) -> dict:
-    from streaming import StreamingDataLoader, StreamingDataset
+    from megadiff.bench.data_loader import reader_rate
 
-    ds = StreamingDataset(local=str(root), shuffle=False, batch_size=batch)
-    loader = StreamingDataLoader(ds, batch_size=batch, num_workers=workers, drop_last=False,
-                                 persistent_workers=workers > 0)
-    rates, first = [], None
-    for _ in range(epochs):              # epoch 1 includes worker start-up; report the last
-        t0, n = time.time(), 0
-        for b in loader:
-            if first is None:
-                first = time.time() - t0
-            n += len(b["caption"])
-        rates.append(n / (time.time() - t0))
-    del loader, ds
-    return {"workers": workers, "samples": n, "samples_per_s": round(rates[-1], 1),
-            "first_epoch_samples_per_s": round(rates[0], 1), "first_batch_s": round(first, 2)}
+    return reader_rate(root, workers, batch, epochs)
 
 
 def main() -> None:
@@ -129,7 +104,6 @@ def main() -> None:
     import torch
 
     from megadiff.models.tiny import make_tiny_sd3
-    from streaming.base.util import clean_stale_shared_memory
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="megadiff-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -147,7 +121,6 @@ def main() -> None:
         for name, root in (("reader_sd3m_512px", big), ("reader_tiny", work / "tiny-set")):
             res[name] = []
             for w in (1, 2):
-                clean_stale_shared_memory()
                 r = bench_reader(root, w)
                 res[name].append(r)
                 print(f"{name}, {w} worker(s):", r, flush=True)

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommand modules that register themselves: `add_parser(sub)` adds the parser and sets
 # `handler=fn(args)` as a default.
-EXTENSIONS = ("megadiff.data_cli", "megadiff.bench.cli", "megadiff.sample_cli")
+EXTENSIONS = ("megadiff.data_cli", "megadiff.bench.cli", "megadiff.sample_cli", "megadiff.eval_cli")
 
 
 def _extension(module: str):

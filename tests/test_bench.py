@@ -98,8 +98,8 @@ def test_cli_registers_bench_engine_and_reports_mistakes_in_one_line(capsys):
     assert run_guarded(args.handler, args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--ranks '1,two'" in err
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["bench"])      # a benchmark name is required
+    whole = build_parser().parse_args(["bench", "--quick"])   # no name: every benchmark, one table
+    assert whole.bench_command is None and whole.handler.__name__ == "run_suite"
 
 
 # ---- model shape ----------------------------------------------------------------------------

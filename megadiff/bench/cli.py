@@ -1,4 +1,5 @@
-"""`megadiff bench <name>`: registered by `megadiff.cli` (EXTENSIONS).
+"""`megadiff bench [--quick]` (every benchmark, one table: `megadiff.bench.suite`) and
+`megadiff bench <name>` (one benchmark in detail): registered by `megadiff.cli` (EXTENSIONS).
 
 Each benchmark is a module with `add_arguments(parser)` and `run(args)`; add one by listing
 it in BENCHES. Modules are imported when the parser is built, so keep their top level light
@@ -17,9 +18,13 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 
 def add_parser(sub) -> None:
-    b = sub.add_parser("bench", help="benchmarks that print figures (engine, ...)",
-                       description="Benchmarks that print figures.")
-    bsub = b.add_subparsers(dest="bench_command", required=True, metavar="{" + ",".join(BENCHES) + "}")
+    from megadiff.bench import suite
+
+    b = sub.add_parser("bench", help="benchmarks that print figures: all in one table, or one by name",
+                       description=suite.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    suite.add_arguments(b)
+    b.set_defaults(handler=_runner("megadiff.bench.suite"))
+    bsub = b.add_subparsers(dest="bench_command", required=False, metavar="{" + ",".join(BENCHES) + "}")
     for name, (module, help_) in BENCHES.items():
         mod = importlib.import_module(module)
         p = bsub.add_parser(name, help=help_, description=mod.__doc__,

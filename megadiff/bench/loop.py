@@ -45,6 +45,8 @@ def trainer_shim(cfg, nets: dict, batch: dict, seed: int = 0, rank: int = 0, wor
     t.noise_rng = torch.Generator().manual_seed(seed)
     t.rank, t.world_size = rank, world_size
     t.step, t.consumed_samples, t.skipped, t.consecutive_nonfinite = 0, 0, 0, 0
+    t.consecutive_bad_grads = 0
+    t._metrics = {}
     t.logger, t.run = _Log(), _NoRun()
     t.next_batch = lambda: batch
     return t
