@@ -115,6 +115,7 @@ class GeneratorConfig:
     sigmas: list[float] | None = None     # conditioning noise levels, decreasing; default SD3 grid
     shift: float | None = None            # resolution shift of the default grid (None: flow.shift)
     backward_simulation: bool = True      # inputs from the generator's own schedule, else data
+    sample_type: Literal["sde", "ode"] = "sde"   # sde: re-noise each x0 (DMD2); ode: Euler steps (DMDR)
 
 
 @dataclass
@@ -145,8 +146,11 @@ class DMDConfig:
     cold_start_steps: int = 0             # DMD only for this many steps; later objectives wait
     teacher_steps: int = 28               # the teacher's own sampling steps (sample CLI, checks)
     real_score: Literal["teacher", "fake_base"] = "teacher"   # fake_base: LoRA fake score's base
-    real_adapter_scale: tuple[float, float] = (1.0, 0.0)      # fake_base: gui scale, start -> end
-    real_adapter_decay_steps: int = 1000
+    real_adapter_scale: tuple[float, float] = (1.0, 0.0)      # fake_base: gui scale, start -> end (cosine)
+    real_adapter_decay_steps: int = 1000  # iterations of DMDR's "dynamic" schedules (scale, renoise_beta)
+    fake_adapter_scale: float = 1.0       # gui adapter scale of the fake score (DMDR lora_scale_f: 2)
+    renoise_beta: tuple[float, float] | None = None   # DMDR: sigma ~ Beta(a, b) -> Beta(1, 1), cosine
+    after_cold_start_lr: dict[str, float] = field(default_factory=dict)   # {net: lr} from cold_start_steps
     lora: dict[str, dict] = field(default_factory=dict)       # {generator|fake_score: LoRAConfig}
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     gan: GANConfig = field(default_factory=GANConfig)
@@ -174,8 +178,10 @@ class RewardConfig:
     kind: Literal["hpsv2", "clip", "pickscore", "aesthetic", "imagereward"] = "hpsv2"
     path: str | None = None               # HPS_v2.1_compressed.pt, open_clip_pytorch_model.bin, HF dir, .pth
     weight: float = 1.0                   # weight of this reward in a weighted sum
-    arch: str | None = None               # open_clip architecture name or model-config JSON (default ViT-H-14)
-    clip_path: str | None = None          # aesthetic: the CLIP ViT-L/14 tower its MLP reads
+    arch: str | None = None               # open_clip architecture name or model-config JSON
+                                          # (default: hpsv2 ViT-H-14, clip ViT-H-14-quickgelu, aesthetic ViT-L-14-quickgelu)
+    clip_path: str | None = None          # aesthetic: the CLIP ViT-L/14 open_clip state dict its MLP reads;
+                                          # pickscore: the processor/tokenizer dir (default: path)
     name: str | None = None               # label in logs and eval tables (default: kind)
 
 
@@ -183,30 +189,45 @@ class RewardConfig:
 @dataclass
 class ReFLConfig:
     """ReFL (megadiff/objectives/refl.py)."""
-    loss: Literal["hinge", "neg"] = "hinge"
+    loss: Literal["hinge", "neg"] = "hinge"   # sum_k w_k relu(margin - r_k), or -sum_k w_k r_k
     margin: float = 0.7
-    weight: float = 1.0
-    prompt_prefix: str = ""
+    weight: float = 1.0                   # multiplies the whole reward term
+    prompt_prefix: str = ""               # "Realistic photo" in DMDR: "<prefix> <caption>"
+    prefix_rewards: list[str] | None = None   # reward names that see the prefix (None: all)
 
 
 @dataclass
 class SRPOConfig:
     """SRPO as DMDR uses it (megadiff/objectives/srpo.py)."""
-    k: float = 0.1
+    k: float = 0.1                        # reward against (1 + k) e(positive) - e(negative)
     weight: float = 1.0
+    rewards: list[str] = field(default_factory=lambda: ["hpsv2"])   # reward names scored this way
+    positive: list[str] = field(default_factory=lambda: ["Natural-lighting", "Detailed", "Realistic"])
+    negative: list[str] = field(default_factory=lambda: ["Painting", "CG Render", "Oil"])
 
 
 @dataclass
 class DPOConfig:
     """Diffusion-DPO (megadiff/objectives/dpo.py)."""
-    beta: float = 5000.0
-    sft: bool = False
+    beta: float = 5000.0                  # beta_dpo: -beta/2 (d_model - d_ref) inside the logsigmoid
+    sft: bool = False                     # flow matching on the preferred images only, no reference
 
 
 @dataclass
 class SDPOConfig:
-    """SDPO (megadiff/objectives/sdpo.py)."""
-    num_steps: int = 4
+    """SDPO (megadiff/objectives/sdpo.py); defaults are the seed's (ZiyiZhang27/sdpo
+    `config/base_sdpo.py`) where it has one."""
+    num_steps: int = 4                    # SDE sampling steps of each rollout (seed: 50)
+    noise_level: float = 0.7              # Flow-GRPO's a: SDE std a sqrt(s / (1 - s))
+    shift: float | None = None            # sampling schedule shift (None: flow.shift)
+    guidance_scale: float = 1.0           # CFG while sampling and training (seed: 1.0, sd-turbo)
+    resolution: int | None = None         # pixels (None: the transformer's native size)
+    timesteps_per_update: int = 1         # per-sample shuffled timesteps per optimizer step
+    gamma: float = 0.99                   # discount of the dense rewards
+    lam: float = 0.99                     # weight lam^t of step t's log-ratio difference
+    log_scale: float = 1.0                # log-ratio difference divided by this
+    adv_clip_max: float = 5.0             # advantages clipped to [-max, max]
+    clip_range: float = 1.0e-4            # log-prob clipping of the squared loss (0: off)
 
 
 @dataclass
@@ -420,6 +441,12 @@ def _validate(cfg: RunConfig) -> None:
         raise ValueError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3")
     if "dmd" in cfg.objectives:
         _validate_dmd(cfg.dmd)
+    if cfg.rewards:
+        _validate_rewards(cfg.rewards, cfg.demo.enabled)
+    if "refl" in cfg.objectives or "srpo" in cfg.objectives:
+        _validate_reward_objectives(cfg)
+    if "dpo" in cfg.objectives or "sdpo" in cfg.objectives:
+        _validate_preference(cfg)
     if cfg.context.enabled:
         _validate_context(cfg)
 
@@ -441,6 +468,30 @@ def _validate_context(cfg: RunConfig) -> None:
         raise ValueError(f"context.t5_length={c.t5_length} must not be negative")
     if c.clip_length is not None and c.t5_length is not None and not cfg.demo.enabled:
         check_lengths(c.clip_length, c.t5_length, cfg.model.max_sequence_length, "context.")
+
+
+def _validate_rewards(rewards: list[RewardConfig], demo: bool) -> None:
+    """megadiff/rewards/: what can be checked without reading the files (loading checks those).
+    Demo runs write tiny rewards themselves and fill in the paths."""
+    import math
+
+    for i, r in enumerate(rewards):
+        key = f"rewards[{i}]"
+        if r.kind == "imagereward":
+            raise ValueError(f"{key}.kind=imagereward is not supported yet (its BLIP tower is not "
+                             "ported): use hpsv2, clip, pickscore or aesthetic")
+        if r.path is None and not demo:
+            raise ValueError(f"{key}.path is not set: give the local {r.kind} checkpoint "
+                             "(HPS_v2.1_compressed.pt, open_clip_pytorch_model.bin, a PickScore dir, "
+                             "or the aesthetic .pth)")
+        if r.kind == "aesthetic" and r.clip_path is None and not demo:
+            raise ValueError(f"{key}.clip_path is not set: the aesthetic MLP reads CLIP ViT-L/14 "
+                             "features; give its open_clip state dict (ViT-L-14-quickgelu)")
+        if r.kind == "pickscore" and r.arch is not None:
+            raise ValueError(f"{key}.arch does not apply to pickscore (a transformers CLIP directory "
+                             "carries its config): remove it")
+        if not math.isfinite(r.weight):
+            raise ValueError(f"{key}.weight={r.weight} must be a finite number")
 
 
 LORA_NETWORKS = ("generator", "fake_score")
@@ -483,6 +534,71 @@ def _validate_dmd(d: DMDConfig) -> None:
     if d.divergence != "reverse_kl" and not d.gan.enabled:
         raise ValueError(f"dmd.divergence={d.divergence} weights the DM gradient by a density ratio "
                          "that the discriminator head estimates: set dmd.gan.enabled=true")
+    if d.renoise_beta is not None and min(d.renoise_beta) <= 0:
+        raise ValueError(f"dmd.renoise_beta={list(d.renoise_beta)} must be two positive Beta parameters "
+                         "(DMDR: [4.0, 1.5])")
+    if d.fake_adapter_scale <= 0:
+        raise ValueError(f"dmd.fake_adapter_scale={d.fake_adapter_scale} must be positive")
+    for net, lr in list(d.after_cold_start_lr.items()):
+        try:                           # PyYAML reads "1e-4" (no dot) as a string
+            lr = d.after_cold_start_lr[net] = float(lr)
+        except (TypeError, ValueError):
+            pass
+        if net not in LORA_NETWORKS or not isinstance(lr, float) or not lr > 0:
+            raise ValueError(f"dmd.after_cold_start_lr.{net}={lr!r}: give a positive learning rate "
+                             f"for {' or '.join(LORA_NETWORKS)}")
     if d.real_score == "fake_base" and "fake_score" not in d.lora:
         raise ValueError("dmd.real_score=fake_base uses the LoRA fake score's frozen base as the "
                          "teacher: give the fake score an adapter (dmd.lora.fake_score.rank=...)")
+
+
+def _validate_reward_objectives(cfg: RunConfig) -> None:
+    """ReFL / SRPO (megadiff/objectives/refl.py, srpo.py): a reward on the DMD generator's x0."""
+    if "dmd" not in cfg.objectives or cfg.objectives.index("dmd") > min(
+            cfg.objectives.index(n) for n in ("refl", "srpo") if n in cfg.objectives):
+        raise ValueError(f"objectives={cfg.objectives}: refl and srpo score the few-step generator's "
+                         "x0, so they come after dmd: write objectives=[dmd, refl] (or [dmd, srpo])")
+    if not cfg.rewards:
+        raise ValueError("refl/srpo need at least one reward model: add rewards=[{kind: hpsv2, "
+                         "path: HPS_v2.1_compressed.pt, weight: 0.1}]")
+    names = [r.name or r.kind for r in cfg.rewards]
+    if len(set(names)) != len(names):
+        raise ValueError(f"reward names {names} repeat: give each reward a distinct name=")
+    lists = {"refl.prefix_rewards": cfg.refl.prefix_rewards or []}
+    if "srpo" in cfg.objectives:
+        lists["srpo.rewards"] = cfg.srpo.rewards
+        if not cfg.srpo.positive or not cfg.srpo.negative:
+            raise ValueError("srpo.positive and srpo.negative need at least one control word each")
+    for key, chosen in lists.items():
+        for n in chosen:
+            if n not in names:
+                raise ValueError(f"{key} names {n!r}, which is not a reward of this run: choose from "
+                                 f"{', '.join(names)}")
+
+
+def _validate_preference(cfg: RunConfig) -> None:
+    """Diffusion-DPO / SDPO (megadiff/objectives/dpo.py, sdpo.py): each trains `transformer` alone."""
+    for name in ("dpo", "sdpo"):
+        if name in cfg.objectives and cfg.objectives != [name]:
+            raise ValueError(f"objectives={cfg.objectives}: {name} trains the transformer on its own; "
+                             f"use objectives=[{name}]")
+    if cfg.objectives == ["dpo"] and cfg.dpo.beta <= 0:
+        raise ValueError(f"dpo.beta={cfg.dpo.beta} must be positive (DiffusionDPO: 5000 for SD1.5)")
+    if cfg.objectives != ["sdpo"]:
+        return
+    s = cfg.sdpo
+    if not cfg.rewards and not cfg.demo.enabled:     # the demo builds a tiny colour reward
+        raise ValueError("sdpo needs a reward model: add rewards=[{kind: hpsv2, path: HPS_v2.1_compressed.pt}]")
+    if s.num_steps < 2:
+        raise ValueError(f"sdpo.num_steps={s.num_steps}: both trajectories share the first step's x0 "
+                         "prediction, so one step gives no reward difference; sample with >= 2 steps "
+                         "(the 1-step model improves too)")
+    if s.timesteps_per_update < 1 or s.num_steps % s.timesteps_per_update:
+        raise ValueError(f"sdpo.timesteps_per_update={s.timesteps_per_update} must divide "
+                         f"sdpo.num_steps={s.num_steps}")
+    if s.noise_level <= 0:
+        raise ValueError(f"sdpo.noise_level={s.noise_level} must be positive: the SDE needs noise for log-probs")
+    if not (0 < s.gamma <= 1 and 0 < s.lam <= 1):
+        raise ValueError(f"sdpo.gamma={s.gamma} and sdpo.lam={s.lam} must lie in (0, 1]")
+    if s.log_scale <= 0 or s.adv_clip_max <= 0 or s.clip_range < 0:
+        raise ValueError("sdpo.log_scale and sdpo.adv_clip_max must be positive, sdpo.clip_range >= 0")

@@ -10,6 +10,7 @@ HELP = {
     "build": "images + captions (folder, JSONL/Parquet, WebDataset) -> training shards",
     "prompts": "prompt file, one a line -> prompt shards (optionally with text embeddings)",
     "pairs": "Pick-a-Pic v2 Parquet -> preference pair shards (Diffusion-DPO)",
+    "label-pairs": "relabel pair shards with a reward model (AI feedback) -> a new set",
     "merge": "join complete shard sets into one",
     "verify": "check hashes, schema, counts, samples; exit 2 when broken",
     "inspect": "schema, counts, captions; --decode N --out grid.png",

@@ -12,6 +12,12 @@ Backward simulation (DMD2): during training the generator's input at step k is p
 running its own schedule for k steps from noise, without gradient, so that training sees the
 inputs inference will see. Without it the input is a data latent noised to s_k.
 
+ODE sampling (DMDR, vvvvvjdy/dmdr at d1f2436 `train_t2i/sd3/samplers.py`, `v2x0_sampler` with
+`sample_type="ode"`): instead of re-noising each x0 with fresh noise, take Euler steps of the
+flow ODE along the same grid, x_{i+1} = x_i + (s_{i+1} - s_i) v(x_i, s_i) with s_n = 0 (the last
+step lands on x0_hat). DMDR's training input for the ODE sampler is the final sample re-noised
+with fresh noise to the chosen level s_k (`get_sample` returns the same final x0 for every k).
+
 A first conditioning level below 1 is allowed: the input is still pure noise and the network
 is told s_0 (DMD2's one-step SDXL model is fed noise at "timestep 399").
 """
@@ -88,6 +94,28 @@ def few_step_sample(net: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, 
     """Run the whole schedule from noise; returns the last step's x0."""
     x = simulate_input(net, noise, sigmas, len(sigmas) - 1, prompt_embeds, pooled, noise_fn)
     return generator_x0(net, x, sigmas[-1], prompt_embeds, pooled)
+
+
+@torch.no_grad()
+def ode_sample(net: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, prompt_embeds,
+               pooled) -> torch.Tensor:
+    """Euler steps of the flow ODE along the generator's grid, ending at sigma 0 (DMDR "ode")."""
+    x = noise.float()
+    nxt = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
+    for s, s_next in zip(sigmas, nxt):
+        x = x + (s_next - s) * net(x, _col(s, x.shape[0], x), prompt_embeds, pooled)
+    return x
+
+
+@torch.no_grad()
+def ode_input(net: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, k: int, prompt_embeds,
+              pooled, noise_fn: NoiseFn) -> torch.Tensor:
+    """DMDR's generator input at step k for the ODE sampler: the final ODE sample re-noised with
+    fresh noise to s_k (pure noise when s_k = 1, where the sample would be multiplied by 0)."""
+    if float(sigmas[k]) == 1.0:
+        return noise.float()
+    x0 = ode_sample(net, noise, sigmas, prompt_embeds, pooled)
+    return renoise(x0, noise_fn(tuple(x0.shape)).to(x0), sigmas[k])
 
 
 def transformer_velocity(module, dtype: torch.dtype = torch.float32, device=None) -> VelocityFn:

@@ -37,7 +37,7 @@ def format_line(rec: dict) -> str:
              f"consumed samples: {rec['consumed_samples']:12d}",
              f"elapsed time per iteration (ms): {rec['ms_per_iteration']:.1f}"]
     parts += [f"{k}: {v:.3E}" for k, v in rec.items() if k.startswith("lr/")]
-    parts += [f"{k}: {v:.6E}" for k, v in rec.items() if k.startswith("loss/")]
+    parts += [f"{k}: {v:.6E}" for k, v in rec.items() if k.startswith(("loss/", "metric/"))]
     parts += [f"{k}: {v:.3f}" for k, v in rec.items() if k.startswith("grad_norm/")]
     parts.append(f"skipped iterations: {rec['skipped_iterations']:3d}")
     parts.append(f"TFLOP/s/device: {rec['tflops_per_device']:.4g}")
@@ -53,6 +53,8 @@ class MetricsLogger:
         self.rank = rank
         self.jsonl = None
         self.wandb = None
+        self.log_dir = log_dir
+        self.splits: list[tuple] = []     # (file, keep(key) -> bool): per-network JSONL (DMDR layout)
         if rank != 0:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -79,13 +81,26 @@ class MetricsLogger:
         self.text(format_line(rec))
         self.jsonl.write(json.dumps(rec) + "\n")
         self.jsonl.flush()
+        for f, keep in self.splits:
+            part = {k: v for k, v in rec.items() if keep(k)}
+            if part:
+                f.write(json.dumps({"iteration": rec["iteration"], **part}) + "\n")
+                f.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))},
                            step=rec["iteration"])
 
+    def add_split(self, filename: str, keep) -> None:
+        """Also append each record's keys for which `keep(key)` holds to loss_logs/`filename`
+        (a record with no such key is not written)."""
+        if self.rank == 0:
+            self.splits.append((open(self.log_dir / filename, "a"), keep))
+
     def close(self) -> None:
         if self.rank != 0:
             return
+        for f, _ in self.splits:
+            f.close()
         self.jsonl.close()
         self.txt.close()
         if self.wandb is not None:

@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 from megadiff.objectives.dmd import DMD
+from megadiff.objectives.dpo import DPO
 from megadiff.objectives.flow_matching import FlowMatching
+from megadiff.objectives.refl import ReFL
+from megadiff.objectives.srpo import SRPO
+from megadiff.objectives.sdpo import SDPO
 
 OBJECTIVES: dict[str, type] = {"flow_matching": FlowMatching, "dmd": DMD}
+OBJECTIVES |= {"refl": ReFL, "srpo": SRPO}
+OBJECTIVES |= {"dpo": DPO, "sdpo": SDPO}
 
 
 def compose_trainer(names: list[str]) -> type:

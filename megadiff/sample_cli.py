@@ -159,8 +159,12 @@ def run_sample(args: argparse.Namespace) -> None:
     fn = gen.transformer_velocity(generator, dtype, device)
     renoise_gen = torch.Generator().manual_seed(args.seed + 100_003)
     with torch.no_grad():
-        x_gen = gen.few_step_sample(fn, noise.to(device), sigmas.to(device), emb.to(device), pool.to(device),
-                                    lambda shape: torch.randn(shape, generator=renoise_gen).to(device))
+        if g_cfg.sample_type == "ode":         # the sampler the generator was trained with (DMDR)
+            x_gen = gen.ode_sample(fn, noise.to(device), sigmas.to(device), emb.to(device), pool.to(device))
+        else:
+            x_gen = gen.few_step_sample(fn, noise.to(device), sigmas.to(device), emb.to(device),
+                                        pool.to(device),
+                                        lambda shape: torch.randn(shape, generator=renoise_gen).to(device))
     del generator
     latents = {"generator": x_gen.float().cpu()}
     scale = cfg.dmd.real_guidance_scale if args.guidance_scale is None else args.guidance_scale

@@ -242,7 +242,7 @@ class BaseTrainer(Objective):
     def fit(self) -> None:
         cfg = self.cfg.train
         if self.rank == 0:
-            self.logger.text(f"training {type(self).__mro__[1].__name__} on {self.world_size} rank(s), "
+            self.logger.text(f"training {'+'.join(self.cfg.objectives)} on {self.world_size} rank(s), "
                              f"global batch {self.global_batch}, from step {self.step} to {cfg.max_steps}")
         bar = progress_bar(cfg.max_steps, self.step, self.cfg.logging.progress, self.rank)
         acc: dict[str, list] = {}          # loss term -> [sum, micro-steps]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clean_env, run_cli, tiny_train_args
+from conftest import run_cli, tiny_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

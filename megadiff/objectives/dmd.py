@@ -5,7 +5,7 @@ Networks: `generator` (trainable, the teacher's MMDiT, full-rank or a LoRA "gen"
 a discriminator head: `megadiff.objectives.gan`), `teacher` (frozen real score; a ZeRO-3
 partitioned inference engine under stage 3). With `dmd.real_score=fake_base` there is no
 separate teacher: the real score is the LoRA fake score's frozen base with its "gui" adapter
-scaled from `real_adapter_scale[0]` to `[1]` (DMDR's "dynamic distribution guidance").
+scaled from `real_adapter_scale[0]` to `[1]` (DMDR's "dynamic distribution guidance", below).
 
 Notation (DESIGN.md section 4): x = G's x0, sigma re-noising level, x_s = (1 - s) x + s eps,
 x0_hat(x_s) = x_s - s v(x_s, s); CFG: v = v_u + w (v_c - v_u).
@@ -59,11 +59,32 @@ a generator seeded by (seed, step, call), so every rank runs the same forward pa
 gathers parameters collectively) and a resumed run draws the same values.
 
 Cold start (DMDR): `in_cold_start(step)` is true for the first `dmd.cold_start_steps` steps;
-objectives composed after `dmd` (e.g. a reward term) add their terms only when it is false.
+objectives composed after `dmd` (e.g. a reward term) add their terms to the generator's loss
+(through `generator_x0_terms`) only when it is false. `dmd.after_cold_start_lr` switches a
+network's learning rate at that step (DMDR resumes its reward phase with other learning rates).
+
+DMDR (Jiang et al. 2025; vvvvvjdy/dmdr at d1f2436, `train_t2i/sd3/train_sd3_refl_deepspeed.py`,
+`utils.py`), with its step p = global_step / dynamic_step counted in generator steps there and in
+iterations here (`dmd.real_adapter_decay_steps` = DMDR's dynamic_step x update_ratio):
+  - dynamic distribution guidance (train script lines 649-653): the real score is the fake
+    score's network with the gui adapter at scale lora_scale_r * 0.5 (1 + cos(pi p)) for
+    p < 1, then 0 (the frozen base = the teacher); here
+    scale = end + (start - end) * 0.5 (1 + cos(pi min(p, 1))), `real_adapter_scale = [start, end]`;
+  - the fake score runs its gui adapter at `lora_scale_f` (2.0) when it trains and when it
+    scores (`joint_attention_kwargs=scale_dict_f`, line 272): `dmd.fake_adapter_scale`;
+  - dynamic re-noising (`utils.py` line 58, `sample_continue`, s_type "logit_normal"): the DM
+    re-noising level and the fake score's flow-matching level are t ~ Beta(a', b') with
+    a' = 1 + (a - 1) c, b' = 1 + (b - 1) c, c = 0.5 (1 + cos(pi min(p, 1))), from (4, 1.5) to
+    the uniform Beta(1, 1): `dmd.renoise_beta = [a, b]` (sigma_min/max and the shift then do
+    not apply, as in DMDR);
+  - the generator's input (`samplers.py`, `v2x0_sampler`): a whole few-step trajectory, ODE or
+    SDE (`dmd.generator.sample_type`, megadiff/generator.py), at a uniformly drawn grid level.
 """
 from __future__ import annotations
 
+import math
 import zlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -71,6 +92,7 @@ import torch.nn.functional as F
 from megadiff import flow
 from megadiff import generator as gen
 from megadiff.objectives import gan
+from megadiff.models import lora as lora_mod
 from megadiff.objectives.base import NetSpec, Objective
 
 GEN_ADAPTER, FAKE_ADAPTER = "gen", "gui"
@@ -195,6 +217,24 @@ class FreezeUntilBackward:
             self.on_restore()
 
 
+def cosine_factor(step: int, span: int) -> float:
+    """0.5 (1 + cos(pi min(step / span, 1))): 1 at step 0, 0 from `span` on (DMDR's decay)."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step / span, 1.0)))
+
+
+def dynamic_beta(ab: tuple[float, float], step: int, span: int) -> tuple[float, float]:
+    """DMDR `sample_continue`: Beta(a, b) relaxed to Beta(1, 1) by the cosine factor."""
+    c = cosine_factor(step, span)
+    return 1.0 + (ab[0] - 1.0) * c, 1.0 + (ab[1] - 1.0) * c
+
+
+def scale_adapter_in_place(module: torch.nn.Module, name: str, factor: float) -> None:
+    """Multiply adapter `name`'s LoRA scaling by `factor` for good (no parameter changes)."""
+    for layer in lora_mod.lora_layers(module):
+        if name in getattr(layer, "scaling", {}):
+            layer.scaling[name] = layer.scaling[name] * float(factor)
+
+
 def release_zero3_leftovers(engine) -> None:
     """ZeRO-3 re-gathers a module's parameters in backward and releases them in post-backward
     hooks that only fire for modules whose inputs need grad; the engine's own backward epilogue
@@ -259,6 +299,8 @@ class DMD(Objective):
             module.requires_grad_(False)
             lora.add_lora(module, lc.rank, lc.alpha, adapter, lc.dropout, lc.targets,
                           seed=seed * 7919 + (1 if name == "generator" else 2))
+            if name == "fake_score" and d.fake_adapter_scale != 1.0:
+                scale_adapter_in_place(module, FAKE_ADAPTER, d.fake_adapter_scale)
         if name == "fake_score" and d.gan.enabled:
             block = gan.default_block(module.config.num_layers) if d.gan.block is None else d.gan.block
             with torch.random.fork_rng(devices=[]):     # the same head on every rank
@@ -308,7 +350,7 @@ class DMD(Objective):
 
     def _uncond(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.val_embeds
-        emb, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+        emb = batch["prompt_embeds"]
         if e["neg_embeds"].shape[1:] != emb.shape[1:]:
             raise ValueError(f"the empty-prompt embedding has shape {tuple(e['neg_embeds'].shape[1:])} "
                              f"but the shards' prompt_embeds {tuple(emb.shape[1:])}: set "
@@ -326,8 +368,10 @@ class DMD(Objective):
         return d.real_guidance_scale + d.guidance_jitter * (2 * u - 1)
 
     def real_adapter_scale(self, step: int) -> float:
-        a, b = self.cfg.dmd.real_adapter_scale
-        return a + (b - a) * min(1.0, step / self.cfg.dmd.real_adapter_decay_steps)
+        """DMDR's dynamic distribution guidance: the gui scale of the real score at `step`."""
+        d = self.cfg.dmd
+        start, end = d.real_adapter_scale
+        return end + (start - end) * cosine_factor(step, d.real_adapter_decay_steps)
 
     @torch.no_grad()
     def _real_velocity(self, x, sigma, emb, pooled, step: int) -> torch.Tensor:
@@ -335,8 +379,9 @@ class DMD(Objective):
             return self._velocity(self.frozen["teacher"], x, sigma, emb, pooled)
         from megadiff.models.lora import adapter_scale
 
-        module = self._fake_module()
-        with adapter_scale(module, {FAKE_ADAPTER: self.real_adapter_scale(step)}):
+        module = self._fake_module()      # its gui scaling already holds fake_adapter_scale
+        factor = self.real_adapter_scale(step) / self.cfg.dmd.fake_adapter_scale
+        with adapter_scale(module, {FAKE_ADAPTER: factor}):
             return self._velocity(module, x, sigma, emb, pooled)
 
     def _generator_input(self, batch: dict, step: int, tag: str):
@@ -348,6 +393,8 @@ class DMD(Objective):
         noise = self._randn(shape)
         if k == 0:
             x = noise
+        elif self.cfg.dmd.generator.sample_type == "ode":
+            x = gen.ode_input(self._gen_fn(), noise, sig, k, emb, pooled, self._randn)
         elif self.cfg.dmd.generator.backward_simulation:
             x = gen.simulate_input(self._gen_fn(), noise, sig, k, emb, pooled, self._randn)
         else:
@@ -370,10 +417,25 @@ class DMD(Objective):
             terms |= self.generator_terms(batch, step)
         elif net == "fake_score":
             terms |= self.fake_score_terms(batch, step)
+        owner = self._term_owner = getattr(self, "_term_owner", {})
+        owner.update((k, net) for k in terms)
         return terms
+
+    def _beta_sigmas(self, n: int, step: int) -> torch.Tensor:
+        """DMDR's dynamic re-noising levels, Beta(a', b') (see the module docstring)."""
+        d = self.cfg.dmd
+        a, b = dynamic_beta(d.renoise_beta, step, d.real_adapter_decay_steps)
+        # torch's Beta sampler only reads the global RNG, which the data loader also draws from
+        # (differently after a resume): seed it from this run's own noise stream instead.
+        seed = int(torch.randint(2**62, (1,), generator=self.noise_rng))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return torch.distributions.Beta(a, b).sample((n,)).clamp(1e-4, 1.0).to(self.device)
 
     def _dm_sigmas(self, n: int, step: int, tag: str) -> torch.Tensor:
         d = self.cfg.dmd
+        if d.renoise_beta is not None:
+            return self._beta_sigmas(n, step)
         if d.divergence != "reverse_kl" and d.fdiv_normalization == "timestep":
             u = torch.rand(1, generator=self._shared_rng(step, tag)).to(self.device).expand(n)
         else:
@@ -395,7 +457,7 @@ class DMD(Objective):
         with torch.no_grad():
             updates = (self._dmd2_update(x.detach(), batch, step) if d.loss == "dmd2"
                        else self._ddmd_update(x.detach(), s_in, batch, step))
-        terms = {}
+        terms = self.generator_x0_terms(x, batch, step)
         if d.loss == "dmd2":
             grad, h = updates
             terms["dm"] = d.dm_weight * dm_loss(x, grad, h)
@@ -413,6 +475,11 @@ class DMD(Objective):
             _, logits = self._velocity(fake, self._fake_frozen.watch(xg), sg, emb, pooled, discriminate=True)
             terms["gan_g"] = d.gan.gen_weight * gan.gan_generator_loss(logits)
         return terms
+
+    def generator_x0_terms(self, x: torch.Tensor, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """Extra generator loss terms on its x0 (with gradient): objectives composed after dmd
+        (ReFL, SRPO) extend this through super()."""
+        return {}
 
     def _restore_fake(self) -> None:
         """Undo a pending `FreezeUntilBackward` (normally its backward hook already has)."""
@@ -472,9 +539,12 @@ class DMD(Objective):
             x = gen.generator_x0(self._gen_fn(), x_in, s_in, emb, pooled)
         b = x.shape[0]
         eps = self._randn(x.shape)
-        s = flow.sample_sigmas(b, fc.timestep_sampling, self.noise_rng, logit_mean=fc.logit_mean,
-                               logit_std=fc.logit_std, mode_scale=fc.mode_scale,
-                               shift=fc.shift).to(self.device)
+        if d.renoise_beta is not None:   # DMDR trains the fake score at the same dynamic levels
+            s = self._beta_sigmas(b, step)
+        else:
+            s = flow.sample_sigmas(b, fc.timestep_sampling, self.noise_rng, logit_mean=fc.logit_mean,
+                                   logit_std=fc.logit_std, mode_scale=fc.mode_scale,
+                                   shift=fc.shift).to(self.device)
         x_t = flow.add_noise(x, eps, s)
         engine = self.engines["fake_score"]
         if not d.gan.enabled:
@@ -492,8 +562,88 @@ class DMD(Objective):
         return {"fake_flow": flow.flow_matching_loss(v[:b], x, eps, s, fc.loss_weighting),
                 "gan_d": d.gan.disc_weight * gan.gan_discriminator_loss(logits[b:2 * b], logits[2 * b:])}
 
+    # -- DMDR run layout: LoRA weights beside the engine states, per-network loss logs ---------
+    def build_extras(self) -> None:
+        super().build_extras()
+        for net, lr in self.cfg.dmd.after_cold_start_lr.items():
+            self._switch_lr_after_cold_start(net, lr)
+
+    def own_steps_before(self, net: str, step: int) -> int:
+        """How many optimizer steps `net` has taken before iteration `step`."""
+        ratio = self.cfg.dmd.update_ratio
+        return -(-step // ratio) if net == "generator" else step
+
+    def _switch_lr_after_cold_start(self, net: str, lr: float) -> None:
+        """Scale `net`'s LR schedule by lr / optim lr from the first step after the cold start
+        (the LambdaLR counts the network's own steps; lambdas are not in its state_dict, so a
+        resumed run rebuilds the same schedule)."""
+        sched = self.engines[net].lr_scheduler
+        factor = lr / self.cfg.optim_for(net).lr
+        first = self.own_steps_before(net, self.cfg.dmd.cold_start_steps)
+        sched.lr_lambdas = [lambda n, f=f: f(n) * (factor if n >= first else 1.0) for f in sched.lr_lambdas]
+
+    def fit(self) -> None:
+        """DMDR's `loss_logs/loss_gen_log.jsonl` / `loss_gui_log.jsonl`: the generator's and the
+        fake score's (guidance) terms, learning rates and gradient norms, per log interval."""
+        owner = self._term_owner = getattr(self, "_term_owner", {})
+
+        def keep_for(net):
+            return lambda k: (k.endswith("/" + net) or
+                              (k.startswith("loss/") and owner.get(k[5:]) == net))
+        self.logger.add_split("loss_gen_log.jsonl", keep_for("generator"))
+        self.logger.add_split("loss_gui_log.jsonl", keep_for("fake_score"))
+        super().fit()
+
+    def save(self) -> str:
+        tag = super().save()
+        if self.cfg.dmd.lora:
+            self.save_lora(self.step)
+        return tag
+
+    def save_lora(self, step: int) -> None:
+        """`checkpoints/lora_gen/step-N` and `lora_gui/step-N` (DMDR's layout): diffusers LoRA
+        files (`pytorch_lora_weights.safetensors` with the adapter config as metadata) that
+        `StableDiffusion3Pipeline.load_lora_weights` reads. ZeRO-3 partitions the adapters, so
+        every rank joins the gather; rank 0 writes. The gui adapter is written at the scale the
+        fake score runs it (`dmd.fake_adapter_scale` folded into lora_alpha)."""
+        import shutil
+
+        from deepspeed import zero
+        from diffusers import StableDiffusion3Pipeline
+
+        for net, adapter in (("generator", GEN_ADAPTER), ("fake_score", FAKE_ADAPTER)):
+            if self.cfg.dmd.lora_for(net) is None:
+                continue
+            module = self.engines[net].module
+            module = getattr(module, "transformer", module)       # a GAN head wraps the transformer
+            params = [p for n, p in module.named_parameters() if f".{adapter}." in n and "lora_" in n]
+            with zero.GatheredParameters(params, modifier_rank=None):
+                state = {k: v.detach().float().cpu().clone()
+                         for k, v in lora_mod.adapter_state_dict(module, adapter).items()}
+            if self.rank != 0:
+                continue
+            meta = module.peft_config[adapter].to_dict()
+            if net == "fake_score":
+                meta["lora_alpha"] = meta["lora_alpha"] * self.cfg.dmd.fake_adapter_scale
+            meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+            out = self.run.checkpoints / f"lora_{adapter}" / f"step-{step}"
+            tmp = out.with_name(out.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=state,
+                                                       transformer_lora_adapter_metadata=meta)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+            if self.cfg.train.keep_last:       # keep the LoRA steps whose engine states are kept
+                kept = {p.name for p in self.run.checkpoints.glob("step-*")}
+                for old in out.parent.glob("step-*"):
+                    if old.name not in kept and not old.name.endswith(".partial"):
+                        shutil.rmtree(old, ignore_errors=True)
+
     # -- validation samples from the few-step generator ---------------------------------------
     def sample_latents(self, noise, embeds):
+        if self.cfg.dmd.generator.sample_type == "ode":
+            return gen.ode_sample(self._gen_fn(), noise.to(self.device), self.gen_sigmas().to(self.device),
+                                  embeds["embeds"].to(self.device), embeds["pooled"].to(self.device))
         g = torch.Generator().manual_seed(self.cfg.validation.seed + 1)
         return gen.few_step_sample(self._gen_fn(), noise.to(self.device), self.gen_sigmas().to(self.device),
                                    embeds["embeds"].to(self.device), embeds["pooled"].to(self.device),
