@@ -144,7 +144,7 @@ def cases(c: Cases) -> list[tuple[str, str, object]]:
                 path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
             elif damage == "wrong architecture":
                 other = make_tiny_reward("aesthetic", r / f"reward-other-{kind}")
-                path = Path(other.clip_path or other.path)
+                path = Path(other.path)      # the aesthetic MLP, not a CLIP tower
             spec = {"kind": kind, "path": str(path)} | ({"arch": cfg.arch} if cfg.arch else {})
             return c.train("objectives=[dmd,refl]", f"rewards=[{json.dumps(spec)}]")
         return thunk
