@@ -427,7 +427,8 @@ def _validate(cfg: RunConfig) -> None:
     for net in ("", *cfg.optim_nets):
         optim = cfg.optim_for(net) if net else cfg.optim
         if optim.lr <= 0:
-            raise ValueError(f"{'optim_nets.' + net if net else 'optim'}.lr={optim.lr} must be positive")
+            raise ValueError(f"{'optim_nets.' + net if net else 'optim'}.lr={optim.lr} must be positive: "
+                             "give a learning rate such as 1e-5")
     if not cfg.objectives:
         raise ValueError("objectives is empty: list at least one, e.g. objectives=[flow_matching]")
     for name in cfg.objectives:

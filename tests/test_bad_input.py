@@ -90,3 +90,11 @@ def test_prompt_shards_are_not_training_shards(tiny_model, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     fails_with(tiny_train_args(tiny_model, tmp_path / "p", tmp_path / "run"),
                "are a megadiff.prompts set, but this recipe trains on image latents")
+
+
+def test_single_checkpoint_file_as_model_path(tiny_shards, tmp_path):
+    single = tmp_path / "sd3_medium.safetensors"
+    single.write_bytes(b"\0" * 16)
+    line = fails_with(tiny_train_args(single, tiny_shards, tmp_path / "run"),
+                      f"model.path={single} is a single file")
+    assert "from_single_file" in line and not (tmp_path / "run").exists()

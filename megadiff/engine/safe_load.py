@@ -28,7 +28,12 @@ def check_file(path: Path) -> None:
     """Raise a one-line ValueError unless `path` unpickles with the restricted unpickler."""
     try:
         with torch.serialization.safe_globals(_deepspeed_globals()):
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)   # a legacy (non-zip) file
     except Exception as e:   # noqa: BLE001 - any failure means "not a plain checkpoint"
         first = str(e).strip().splitlines()
         why = next((ln.strip() for ln in first if "Unsupported" in ln or "GLOBAL" in ln),

@@ -19,6 +19,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def check_sd3_dir(path: str | Path) -> Path:
     """Raise a one-line ValueError unless `path` is a local SD3/SD3.5 diffusers directory."""
     root = Path(path)
+    if root.is_file():
+        raise ValueError(f"model.path={root} is a single file; megadiff reads a diffusers directory: "
+                         "convert it once with StableDiffusion3Pipeline.from_single_file(FILE)"
+                         ".save_pretrained(DIR) and set model.path=DIR")
     if not root.is_dir():
         raise ValueError(f"model directory {root} does not exist: set model.path to a local "
                          "SD3/SD3.5 diffusers directory (or run `megadiff make-tiny-model DIR`)")
