@@ -178,7 +178,7 @@ def cases(c: Cases) -> list[tuple[str, str, object]]:
         ("rewards", "HPSv2.1 checkpoint missing", reward("hpsv2", "missing")),
         ("rewards", "HPSv2.1 checkpoint truncated", reward("hpsv2", "truncated")),
         ("rewards", "CLIP checkpoint of another architecture", reward("clip", "wrong architecture")),
-        ("rewards", "`kind: imagereward`",
+        ("rewards", "ImageReward checkpoint that does not exist",
          lambda: c.train("objectives=[dmd,refl]", 'rewards=[{"kind": "imagereward", "path": "/x/ImageReward.pt"}]')),
         ("hostfile", "malformed line `n2 slots=four`", hostfile("127.0.0.1 slots=1\nn2 slots=four\n")),
         ("hostfile", "host name with shell characters `n1;reboot`", hostfile("n1;reboot slots=4\n")),

@@ -182,6 +182,7 @@ class RewardConfig:
                                           # (default: hpsv2 ViT-H-14, clip ViT-H-14-quickgelu, aesthetic ViT-L-14-quickgelu)
     clip_path: str | None = None          # aesthetic: the CLIP ViT-L/14 open_clip state dict its MLP reads;
                                           # pickscore: the processor/tokenizer dir (default: path)
+                                          # imagereward: the bert-base-uncased tokenizer dir (vocab.txt)
     name: str | None = None               # label in logs and eval tables (default: kind)
 
 
@@ -478,9 +479,6 @@ def _validate_rewards(rewards: list[RewardConfig], demo: bool) -> None:
 
     for i, r in enumerate(rewards):
         key = f"rewards[{i}]"
-        if r.kind == "imagereward":
-            raise ValueError(f"{key}.kind=imagereward is not supported yet (its BLIP tower is not "
-                             "ported): use hpsv2, clip, pickscore or aesthetic")
         if r.path is None and not demo:
             raise ValueError(f"{key}.path is not set: give the local {r.kind} checkpoint "
                              "(HPS_v2.1_compressed.pt, open_clip_pytorch_model.bin, a PickScore dir, "

@@ -253,13 +253,13 @@ def test_wrong_architecture_or_format_fails_at_load(tiny_rewards, tmp_path):
 
 def test_config_rejects_unsupported_and_incomplete_rewards():
     real = ["demo.enabled=false", "model.path=/models/sd3", "data.local=/data/shards"]
-    with pytest.raises(ValueError, match="imagereward is not supported yet"):
-        load_config("tiny-dmd-cpu", real + ["rewards=[{kind: imagereward, path: ImageReward.pt}]"])
+    cfg = load_config("tiny-dmd-cpu", real + ["rewards=[{kind: imagereward, path: ImageReward.pt}]"])
+    assert cfg.rewards == [RewardConfig(kind="imagereward", path="ImageReward.pt")]
     with pytest.raises(ValueError, match=r"rewards\[0\].clip_path is not set"):
         load_config("tiny-dmd-cpu", real + ["rewards=[{kind: aesthetic, path: mlp.pth}]"])
     with pytest.raises(ValueError, match=r"rewards\[1\].path is not set"):
         load_config("tiny-dmd-cpu", real + ["rewards=[{kind: hpsv2, path: a.pt}, {kind: clip}]"])
-    with pytest.raises(ValueError, match="imagereward is not supported yet"):
+    with pytest.raises(ValueError, match="path=ImageReward.pt is not an existing file"):
         load_reward(RewardConfig(kind="imagereward", path="ImageReward.pt"))
     cfg = load_config("tiny-dmd-cpu", real + ["rewards=[{kind: hpsv2, path: a.pt, weight: 0.1}]"])
     assert cfg.rewards == [RewardConfig(kind="hpsv2", path="a.pt", weight=0.1)]

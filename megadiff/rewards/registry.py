@@ -14,9 +14,7 @@ from torch import nn
 from megadiff.config import RewardConfig
 from megadiff.rewards.base import RewardModel
 
-KINDS = ("hpsv2", "clip", "pickscore", "aesthetic")
-UNSUPPORTED = {"imagereward": "imagereward is not supported yet (its BLIP tower is not ported): "
-                              "use hpsv2, clip, pickscore or aesthetic"}
+KINDS = ("hpsv2", "clip", "pickscore", "aesthetic", "imagereward")
 
 
 def reward_name(cfg: RewardConfig) -> str:
@@ -28,12 +26,11 @@ def load_reward(cfg: RewardConfig, device: torch.device | str = "cpu",
     """Build the reward `cfg` describes from its local files; raises a one-line ValueError for a
     missing, truncated or wrong-architecture checkpoint."""
     from megadiff.rewards.aesthetic import load_aesthetic
+    from megadiff.rewards.imagereward import load_imagereward
     from megadiff.rewards.open_clip_reward import load_clip, load_hpsv2
     from megadiff.rewards.pickscore import load_pickscore
 
     name = reward_name(cfg)
-    if cfg.kind in UNSUPPORTED:
-        raise ValueError(f"reward {name}: {UNSUPPORTED[cfg.kind]}")
     if cfg.kind == "hpsv2":
         model = load_hpsv2(cfg.path, cfg.arch, name)
     elif cfg.kind == "clip":
@@ -42,6 +39,8 @@ def load_reward(cfg: RewardConfig, device: torch.device | str = "cpu",
         model = load_pickscore(cfg.path, cfg.clip_path, dtype, name)
     elif cfg.kind == "aesthetic":
         model = load_aesthetic(cfg.path, cfg.clip_path, cfg.arch, name)
+    elif cfg.kind == "imagereward":
+        model = load_imagereward(cfg.path, cfg.clip_path, name)
     else:
         raise ValueError(f"reward kind {cfg.kind!r} is unknown: choose one of {', '.join(KINDS)}")
     return freeze(model.to(device=device, dtype=dtype))
