@@ -128,12 +128,21 @@ class BaseTrainer(Objective):
     def _check_shards_fit_model(self) -> None:
         if self.shards is None:
             return
-        tc, info = self.transformer_config, self.shards
+        info = self.shards
         where = self.cfg.data.remote or self.cfg.data.local
         if info.schema not in ("megadiff.train", "megadiff.train_context"):
             raise ValueError(f"shards in {where} are a {info.schema} set, but this recipe trains on "
                              "image latents (megadiff.train): point data.local at shards built with "
                              "`megadiff data build`")
+        self._check_shard_geometry(info, where)
+        if self.cfg.context.enabled:
+            from megadiff.models.context_train import check_shards
+
+            check_shards(self.cfg, info, where)
+
+    def _check_shard_geometry(self, info, where: str) -> None:
+        """Latents and text embeddings of `info` fit the transformer (any schema that has them)."""
+        tc = self.transformer_config
         c, h, w = info.latent_shape
         problems = []
         if c != tc["in_channels"]:
@@ -153,10 +162,6 @@ class BaseTrainer(Objective):
         if problems:
             raise ValueError(f"shards in {where} do not fit {self.model_path}: {problems[0]}; "
                              "rebuild the shards with this model (`megadiff data build --model ...`)")
-        if self.cfg.context.enabled:
-            from megadiff.models.context_train import check_shards
-
-            check_shards(self.cfg, info, where)
 
     def build_network(self, name: str, spec: NetSpec) -> torch.nn.Module:
         """Load a network's weights; objectives with other sources override this."""

@@ -32,7 +32,6 @@ only (latents_l when label_w = 0; ties are left out: weight 0); no reference is 
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -102,12 +101,7 @@ class DPO(Objective):
             raise ValueError(f"shards in {where} are a {info.schema} set, but dpo trains on preference "
                              "pairs (megadiff.pairs): build them with `megadiff data pairs` (or "
                              "`megadiff data label-pairs`) and point data.local at them")
-        # The base class checks latent and text geometry for training sets; pairs share it.
-        self.shards = dataclasses.replace(info, schema="megadiff.train")
-        try:
-            super()._check_shards_fit_model()
-        finally:
-            self.shards = info
+        self._check_shard_geometry(info, where)      # pairs have the training sets' geometry
 
     def _prepare_demo(self) -> None:
         """The tiny demo model plus synthetic pair shards in output_dir/demo."""

@@ -154,12 +154,8 @@ class SDPO(Objective):
                              f"gets {want} (model.max_sequence_length={self.cfg.model.max_sequence_length}): "
                              f"set model.max_sequence_length={info.text_seq_len - 77}")
         # From here on the set describes the latents SDPO samples (validation, FLOPs use them).
-        sampled = dataclasses.replace(info, latent_shape=(tc["in_channels"], res // factor, res // factor))
-        self.shards = dataclasses.replace(sampled, schema="megadiff.train")
-        try:
-            super()._check_shards_fit_model()
-        finally:
-            self.shards = sampled
+        self.shards = dataclasses.replace(info, latent_shape=(tc["in_channels"], res // factor, res // factor))
+        self._check_shard_geometry(self.shards, where)
 
     def _prepare_demo(self) -> None:
         """Tiny model, prompt shards with embeddings and (without `rewards:`) a colour reward."""
