@@ -14,6 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from megadiff.bench.projection import MODELS
 from megadiff.flops import FlopBreakdown, mmdit_forward_flops, model_flops_per_sample
 
 diffusers = pytest.importorskip("diffusers")
@@ -49,17 +50,8 @@ CONFIGS = {
 }
 
 # Published transformer/config.json values (stabilityai/stable-diffusion-3-medium-diffusers,
-# stable-diffusion-3.5-medium, stable-diffusion-3.5-large).
-_FULL = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, joint_attention_dim=4096,
-             pooled_projection_dim=2048, attention_head_dim=64)
-FULL_CONFIGS = {
-    "sd3-medium": dict(_FULL, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
-                       pos_embed_max_size=192),
-    "sd3.5-medium": dict(_FULL, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
-                         pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
-    "sd3.5-large": dict(_FULL, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
-                        pos_embed_max_size=192, qk_norm="rms_norm"),
-}
+# stable-diffusion-3.5-medium, stable-diffusion-3.5-large), as the bench's projections use them.
+FULL_CONFIGS = {"sd3-medium": MODELS["SD3-M"], "sd3.5-medium": MODELS["SD3.5-M"], "sd3.5-large": MODELS["SD3.5-L"]}
 
 
 def _count(model, batch, h, w, text_len, device="cpu", math_sdpa=True):

@@ -23,6 +23,9 @@ from megadiff.logger import PEAK_BF16_TFLOPS
 
 PEAK_TFLOPS = {gpu: PEAK_BF16_TFLOPS[gpu] for gpu in ("A100", "H100")}
 TEXT_TOKENS = 77 + 256
+# Published transformer/config.json values (stabilityai/stable-diffusion-3-medium-diffusers,
+# stable-diffusion-3.5-medium, stable-diffusion-3.5-large); tests/test_flops.py checks the
+# FLOP count on exactly these.
 _FULL = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, joint_attention_dim=4096,
              pooled_projection_dim=2048, attention_head_dim=64)
 MODELS = {
