@@ -479,4 +479,5 @@ def test_slurm_failing_rank_ends_the_job_with_its_status(tiny_model, tiny_shards
                    str(tmp_path / "run"), "demo.enabled=false", f"model.path={tmp_path / 'nope'}",
                    f"data.local={tiny_shards}"], env, tmp_path, timeout=120, private_shm=True)
     assert rc == 2, log[-4000:]
-    assert log.count("megadiff: error:") == 2 and "nope" in log
+    # --kill-on-bad-exit terminates the other rank as soon as the first exits, so it may not get to print.
+    assert log.count("megadiff: error:") >= 1 and "nope" in log
