@@ -11,16 +11,19 @@ DMD term stays bounded? (issue 5, "proof that it learns").
    (1 + k) e("<positive>. prompt") - e("<negative>. prompt")).
 3. Every saved `checkpoints/lora_gen/step-N` is loaded the way a user would
    (StableDiffusion3Pipeline.load_lora_weights), the few-step generator samples held-out
-   prompts (shapes never in the shards) from fixed noise, and the decoded
-   images are scored with the colour reward (the plain score, not SRPO's) and with the ground
-   truth the tower was trained on, `redness(image, the prompt's colour)` ("match": mean pixel
-   similarity to the named colour). "Before" is the end of the cold start (step K, the same
-   weights in all three runs).
+   prompts (shapes never in the shards) from fixed noise, and the decoded images are scored
+   with the colour reward (the plain score, not SRPO's: "reward"), with SRPO's relative score
+   averaged over DMDR's nine control-word pairs ("SRPO": the tower reads the positive words as
+   "clean" and the negative ones as "washed out towards grey", see `colour_captions`), and with
+   ground truths the tower was trained on: `redness(image, the prompt's colour)` ("match": mean
+   pixel similarity to the named colour) and saturation (mean max-min over channels; washing
+   out lowers it). "Before" is the end of the cold start (step K, the same weights in all three
+   runs).
 4. Reward hacking check: the DM term (loss/dm from the run logs) per phase, and the images'
    total variation (mean |neighbour difference|; noise-like images have a high one) against
    the frozen teacher's own 8-step samples of the same prompts.
 
-    python bench/reward_experiment.py [--out runs/reward_experiment] [--cold 20] [--steps 60]
+    python bench/reward_experiment.py [--out runs/reward_experiment] [--cold 20] [--steps 140] [--noise 8]
 prints the table and writes results.json there.
 """
 from __future__ import annotations
@@ -70,7 +73,7 @@ def train(name: str, objectives: list[str], model: Path, shards: Path, reward: d
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "megadiff.train", "--recipe", "tiny-dmdr-cpu", "--output-dir", str(run),
-           "demo.enabled=false", f"model.path={model}", f"data.local={shards}",
+           "demo.enabled=false", f"seed={args.seed}", f"model.path={model}", f"data.local={shards}",
            f"model.max_sequence_length={SEQ}", f"objectives={json.dumps(objectives)}",
            f"rewards={json.dumps([{**reward, 'weight': args.weight}])}",
            f"train.max_steps={args.steps}", f"train.save_interval={args.cold}", "train.keep_last=0",
@@ -90,12 +93,12 @@ def train(name: str, objectives: list[str], model: Path, shards: Path, reward: d
 class Evaluator:
     """Few-step samples of held-out prompts from a saved lora_gen, scored by the colour reward."""
 
-    def __init__(self, model: Path, reward: dict, n_noise: int):
+    def __init__(self, model: Path, reward: dict, n_noise: int, k: float):
         from megadiff.config import RewardConfig
         from megadiff.models import sd3
         from megadiff.rewards.registry import load_reward
 
-        self.model = model
+        self.model, self.k = model, k
         self.reward = load_reward(RewardConfig(**reward))
         self.vae = sd3.load_vae(model)
         text = sd3.load_text_pipeline(model)
@@ -111,13 +114,22 @@ class Evaluator:
     def measure(self, latents: torch.Tensor) -> dict:
         from megadiff.rewards.scoring import decode_for_reward
 
+        from megadiff.objectives.srpo import control_prompts, srpo_score
+        from megadiff.rewards.tiny import control_words
+
         images = decode_for_reward(self.vae, latents)
         score = self.reward(images, self.prompts)
+        feats = self.reward.image_features(images)       # SRPO's score, averaged over DMDR's word pairs
+        pairs = [(p, n) for p in control_words()[0] for n in control_words()[1]]
+        srpo = sum(srpo_score(self.reward, feats, *control_prompts(self.prompts, p, n), self.k).mean()
+                   for p, n in pairs) / len(pairs)
         from megadiff.rewards.tiny import redness         # ground truth: the prompt's colour in the image
         match = torch.stack([redness(images[i:i + 1], p.split()[1])[0] for i, p in enumerate(self.prompts)])
         tv = ((images[..., 1:, :] - images[..., :-1, :]).abs().mean()
               + (images[..., :, 1:] - images[..., :, :-1]).abs().mean()) / 2
+        saturation = (images.amax(1) - images.amin(1)).mean()     # falls as images wash out to grey
         return {"reward": score.mean().item(), "reward_std": score.std().item(), "tv": tv.item(),
+                "srpo_score": float(srpo), "saturation": saturation.item(),
                 "colour_match": match.mean().item(),
                 "latent_std": latents.std().item()}
 
@@ -163,14 +175,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/reward_experiment"))
     ap.add_argument("--cold", type=int, default=20, help="cold-start iterations (DMD only)")
-    ap.add_argument("--steps", type=int, default=60, help="iterations in all (a multiple of --cold)")
+    ap.add_argument("--steps", type=int, default=140, help="iterations in all (a multiple of --cold)")
     ap.add_argument("--weight", type=float, default=10.0, help="the colour reward's weight")
     ap.add_argument("--k", type=float, default=0.1, help="SRPO's k")
     ap.add_argument("--lr", type=float, default=1e-2, help="LoRA learning rate of both networks")
     ap.add_argument("--ratio", type=int, default=1, help="dmd.update_ratio")
     ap.add_argument("--colour", default="red")
-    ap.add_argument("--noise", type=int, default=4, help="noise draws per held-out prompt")
+    ap.add_argument("--noise", type=int, default=8, help="noise draws per held-out prompt")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="the training runs' seed (init, noise, data order)")
     args = ap.parse_args()
     assert args.steps % args.cold == 0, "--steps must be a multiple of --cold (checkpoints every --cold)"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -178,7 +191,7 @@ def main() -> None:
     model, shards, reward = setup(args.out, args.colour)
     runs = {name: train(name, objs, model, shards, reward, args)
             for name, objs in (("dmd", ["dmd"]), ("refl", ["dmd", "refl"]), ("srpo", ["dmd", "srpo"]))}
-    ev = Evaluator(model, reward, args.noise)
+    ev = Evaluator(model, reward, args.noise, args.k)
     cfg = json.loads((runs["refl"] / "args.json").read_text())
     results = {"args": {k: str(v) for k, v in vars(args).items()},
                "teacher_8step": ev.teacher(8, cfg["dmd"]["real_guidance_scale"]), "runs": {}}
@@ -193,12 +206,14 @@ def main() -> None:
     t = results["teacher_8step"]
     print(f"\nheld-out prompts: {len(HELD_OUT)} x {args.noise} noise draws; colour reward ({args.colour}), "
           f"plain HPS-style score (cos)")
-    print(f"teacher 8-step CFG: reward {t['reward']:.5f}  match {t['colour_match']:.5f}  TV {t['tv']:.4f}  latent std {t['latent_std']:.3f}")
-    print(f"{'run':6s} {'step':>5s} {'reward':>9s} {'match':>8s} {'TV':>7s} {'lat.std':>7s}")
+    print(f"teacher 8-step CFG: reward {t['reward']:.5f}  SRPO {t['srpo_score']:.5f}  match {t['colour_match']:.5f}  "
+          f"sat {t['saturation']:.4f}  TV {t['tv']:.4f}  latent std {t['latent_std']:.3f}")
+    print(f"{'run':6s} {'step':>5s} {'reward':>9s} {'SRPO':>9s} {'match':>8s} {'sat':>7s} {'TV':>7s} {'lat.std':>7s}")
     for name, r in results["runs"].items():
         for step, m in r["by_step"].items():
             tag = " (end of cold start)" if step == args.cold else ""
-            print(f"{name:6s} {step:5d} {m['reward']:9.5f} {m['colour_match']:8.5f} {m['tv']:7.4f} "
+            print(f"{name:6s} {step:5d} {m['reward']:9.5f} {m['srpo_score']:9.5f} {m['colour_match']:8.5f} "
+                  f"{m['saturation']:7.4f} {m['tv']:7.4f} "
                   f"{m['latent_std']:7.3f}{tag}")
         print(f"{'':6s} loss/dm: cold start (2nd half) {r['dm_cold_start']:.3e}, reward phase mean "
               f"{r['dm_reward_phase']:.3e} max {r['dm_reward_phase_max']:.3e}"

@@ -109,9 +109,9 @@ def _make_tiny_pickscore(out: Path, seed: int, image_size: int) -> RewardConfig:
 
 
 # ---- a reward whose optimum is known: a tiny tower trained to read colours ---------------------
-COLOUR_REWARD_VERSION = 2
+COLOUR_REWARD_VERSION = 3
 COLOUR_IMAGE_SIZE = 32
-COLOUR_STEPS = 200
+COLOUR_STEPS = 400
 
 
 def colour_rgb(name: str) -> torch.Tensor:
@@ -147,20 +147,40 @@ def colour_shapes(n: int, g: torch.Generator, size: int = COLOUR_IMAGE_SIZE):
     return img.clamp(0, 1), fg, shape, bg
 
 
+def control_words() -> tuple[list[str], list[str]]:
+    """DMDR's SRPO control words (SRPOConfig's defaults): the tower reads the positive ones as
+    "a clean image" and the negative ones as "a washed-out image" (see `wash_out`)."""
+    from megadiff.config import SRPOConfig
+
+    cfg = SRPOConfig()
+    return list(cfg.positive), list(cfg.negative)
+
+
+def wash_out(images: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
+    """Blend images [B, 3, H, W] towards mid grey by amount [B] (0: unchanged)."""
+    a = amount.to(images)[:, None, None, None]
+    return (1 - a) * images + a * 0.5
+
+
 def colour_captions():
-    """Every caption the tower is trained on, with the (fg, shape, bg) it names (bg -1: any)."""
+    """Every caption the tower is trained on, with the (fg, shape, bg, style) it names (bg -1:
+    any; style 0: any, 1: clean (a positive control word prefix, "Realistic. a red square"),
+    2: washed out (a negative one, "Oil. a red square"))."""
     from megadiff.data.synthetic import COLOURS, SHAPES
 
     names = list(COLOURS)
+    positive, negative = control_words()
+    prefixes = [("", 0)] + [(f"{w}. ", 1) for w in positive] + [(f"{w}. ", 2) for w in negative]
     caps, keys = [], []
-    for f, c in enumerate(names):
-        for s, shape in enumerate(SHAPES):
-            caps.append(f"a {c} {shape}")
-            keys.append((f, s, -1))
-            for b, bc in enumerate(names):
-                if b != f:
-                    caps.append(f"a {c} {shape} on a {bc} background")
-                    keys.append((f, s, b))
+    for prefix, style in prefixes:
+        for f, c in enumerate(names):
+            for s, shape in enumerate(SHAPES):
+                caps.append(f"{prefix}a {c} {shape}")
+                keys.append((f, s, -1, style))
+                for b, bc in enumerate(names):
+                    if b != f:
+                        caps.append(f"{prefix}a {c} {shape} on a {bc} background")
+                        keys.append((f, s, b, style))
     return caps, torch.tensor(keys)
 
 
@@ -172,7 +192,10 @@ def redness(images: torch.Tensor, colour: str, width: float = 0.25) -> torch.Ten
 
 def train_colour_tower(cfg: dict, seed: int, steps: int = COLOUR_STEPS, batch: int = 64, lr: float = 2e-3):
     """CLIP's contrastive loss (Radford et al. 2021) over (image, caption) with every caption that
-    is true of an image counted as a positive (soft targets), both directions."""
+    is true of an image counted as a positive (soft targets), both directions. Half the images
+    are washed out (blended 35-70% towards grey) so that SRPO's control words mean something:
+    "<positive word>. <caption>" is true of the clean ones, "<negative word>. <caption>" of the
+    washed-out ones."""
     import torch.nn.functional as F
 
     from megadiff.rewards.open_clip_reward import open_clip_tokenizer
@@ -181,19 +204,28 @@ def train_colour_tower(cfg: dict, seed: int, steps: int = COLOUR_STEPS, batch: i
     g = torch.Generator().manual_seed(seed)
     model = build_tiny_tower(cfg, seed)
     caps, keys = colour_captions()
+    index = {c: i for i, c in enumerate(caps)}
+    positive, negative = control_words()
     tokens = open_clip_tokenizer(cfg)(caps)
     pre = ImagePreprocess(size=cfg["vision_cfg"]["image_size"])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
     for _ in range(steps):
         img, fg, shape, bg = colour_shapes(batch, g)
-        pick = torch.randint(len(caps), (batch,), generator=g)
+        washed = torch.rand(batch, generator=g) < 0.5
+        img = wash_out(img, washed * (0.35 + 0.35 * torch.rand(batch, generator=g)))
+        style = 1 + washed.long()
+        # random captions, plus each image's own full caption (so every row has a positive) and
+        # that caption after one positive and one negative control word (the style contrast)
+        own = [_caption(int(f), int(s), int(b)) for f, s, b in zip(fg, shape, bg)]
+        pw = torch.randint(len(positive), (batch,), generator=g).tolist()
+        nw = torch.randint(len(negative), (batch,), generator=g).tolist()
+        pick = torch.cat([torch.randint(len(caps), (batch,), generator=g), torch.tensor(
+            [index[c] for c in own] + [index[f"{positive[i]}. {c}"] for i, c in zip(pw, own)]
+            + [index[f"{negative[i]}. {c}"] for i, c in zip(nw, own)])])
         k = keys[pick]
         match = (fg[:, None] == k[None, :, 0]) & (shape[:, None] == k[None, :, 1]) & (
-            (k[None, :, 2] == -1) | (bg[:, None] == k[None, :, 2]))
-        # each image also sees its own full caption, so every row has a positive
-        own = [caps.index(_caption(int(f), int(s), int(b))) for f, s, b in zip(fg, shape, bg)]
-        pick = torch.cat([pick, torch.tensor(own)])
-        match = torch.cat([match, torch.eye(batch, dtype=torch.bool)], 1)
+            (k[None, :, 2] == -1) | (bg[:, None] == k[None, :, 2])) & (
+            (k[None, :, 3] == 0) | (style[:, None] == k[None, :, 3]))
         fi = F.normalize(model.encode_image(pre(img)), dim=-1)
         uniq, inv = torch.unique(pick, return_inverse=True)     # encode each caption once
         ft = F.normalize(model.encode_text(tokens[uniq]), dim=-1)[inv]
@@ -259,7 +291,10 @@ def make_colour_reward(out_dir: str | os.PathLike, kind: str = "hpsv2", colour: 
 
     The open_clip tower (32 px, 16 text tokens) is trained contrastively on `colour_shapes`
     with their captions ("a red square", "a red square on a blue background"), so for
-    hpsv2/clip the score of an image against "a red square" rises with its redness. For
+    hpsv2/clip the score of an image against "a red square" rises with its redness; half its
+    training images are washed out towards grey and captioned with DMDR's negative SRPO words
+    ("Oil. a red square"), the clean half with the positive ones ("Realistic. a red square"),
+    so SRPO's relative score prefers clean, saturated images. For
     aesthetic, the LAION MLP on that tower regresses `redness(image, colour)`: the optimum is
     an image all of `colour`, whatever the prompt. Deterministic in `seed`; cached in out_dir
     (colour_reward.json is written last and checked on reuse) and the trained tower in the
