@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import types
 import typing
@@ -347,6 +348,14 @@ def load_config(recipe: str, overrides: list[str] = ()) -> RunConfig:
     cfg = _build(RunConfig, raw, "")
     _validate(cfg)
     return cfg
+
+
+def load_run_args(args_json: Path) -> RunConfig:
+    """The RunConfig a run was started with, from its args.json (export, sample, eval)."""
+    args_json = Path(args_json)
+    if not args_json.is_file():
+        raise ValueError(f"{args_json} is missing: --run must be a megadiff output directory")
+    return _build(RunConfig, json.loads(args_json.read_text()), "")
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

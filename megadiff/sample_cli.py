@@ -41,11 +41,9 @@ def add_parser(sub) -> None:
 
 
 def _load_run_config(run):
-    from megadiff.config import RunConfig, _build
+    from megadiff.config import load_run_args
 
-    if not run.args.is_file():
-        raise ValueError(f"{run.args} is missing: --run must be a megadiff output directory")
-    cfg = _build(RunConfig, json.loads(run.args.read_text()), "")
+    cfg = load_run_args(run.args)
     if "dmd" not in cfg.objectives:
         raise ValueError(f"{run.root} was trained with objectives {cfg.objectives}: `megadiff sample` "
                          "needs a DMD run (objectives: [dmd]); use `megadiff export` for others")

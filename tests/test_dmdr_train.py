@@ -123,6 +123,36 @@ def test_lora_gen_loads_into_the_pipeline_and_changes_its_output(run, tiny_model
     assert (c.r, c.lora_alpha) == (4, 8.0)                     # alpha 4 x fake_adapter_scale 2
 
 
+@pytest.mark.parametrize("net,adapter_dir", [("generator", "lora_gen"), ("fake_score", "lora_gui")])
+def test_export_merges_the_lora_network_into_a_plain_transformer(run, tiny_model, tmp_path, net, adapter_dir):
+    """`megadiff export --net generator` on a LoRA run writes a diffusers directory whose
+    transformer (no peft, the base's key set) computes what the base + the saved adapter does."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from conftest import run_cli
+
+    r = run_cli(["export", "--run", str(run), "--to", str(tmp_path / "out"), "--net", net])
+    assert r.returncode == 0, r.stderr[-2000:]
+    merged = SD3Transformer2DModel.from_pretrained(tmp_path / "out" / "transformer").eval()
+    base = SD3Transformer2DModel.from_pretrained(tiny_model / "transformer")
+    assert merged.state_dict().keys() == base.state_dict().keys()
+    assert not any("lora" in k for k in merged.state_dict())
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(run / "checkpoints" / adapter_dir / f"step-{STEPS}", adapter_name="a")
+    g = torch.Generator().manual_seed(0)
+    c = base.config
+    x = torch.randn(2, c.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(2, 6, c.joint_attention_dim, generator=g)
+    pooled = torch.randn(2, c.pooled_projection_dim, generator=g)
+    t = torch.tensor([300.0, 800.0])
+    with torch.no_grad():
+        want = pipe.transformer.eval()(x, ctx, pooled, t, return_dict=False)[0]
+        got = merged(x, ctx, pooled, t, return_dict=False)[0]
+        plain = base.eval()(x, ctx, pooled, t, return_dict=False)[0]
+    assert (want - plain).abs().max() > 1e-4                    # the adapter is trained: not the base
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
 def test_missing_or_broken_reward_checkpoint_is_one_line_before_training(tiny_model, tiny_shards, rewards, tmp_path):
     from conftest import run_cli
 

@@ -6,6 +6,8 @@ The trained transformer is consolidated from the ZeRO shards (fp32 master weight
 from the run's base model directory. A `context.enabled` run also writes its context projector
 to `OUT/context_projector/` (config.json + model.safetensors), which
 `megadiff.models.context.load_context_projector` reads; diffusers ignores that directory.
+A LoRA network (DMD's `dmd.lora`, DMDR's gen/gui adapters) is exported merged: base + scaling
+B A through peft's own merge, so the export is a plain transformer that needs no peft.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from megadiff.config import RunConfig, load_run_args
 from megadiff.engine.checkpoint import tag_for
 from megadiff.engine.safe_load import check_checkpoint_dir
 from megadiff.engine.run_dir import RunDir
@@ -51,6 +54,8 @@ def export_run(run_dir: str | Path, to: str | Path, step: int | None = None,
     args = json.loads(run.args.read_text())
     base = sd3.check_sd3_dir(_base_model_path(run, args))
     state = consolidated_state_dict(run, tag, net)
+    if any(".lora_A." in k for k in state):
+        state = merged_lora_state(state, load_run_args(run.args), net, base)
     projector = None
     if args.get("context", {}).get("enabled"):   # transformer + context projector in one module
         from megadiff.models.context_train import split_state
@@ -78,6 +83,34 @@ def export_run(run_dir: str | Path, to: str | Path, step: int | None = None,
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def merged_lora_state(state: dict[str, torch.Tensor], cfg: RunConfig, net: str,
+                      base: Path) -> dict[str, torch.Tensor]:
+    """A LoRA DMD network's consolidated state (peft keys: `.base_layer.` and `.lora_A/B.<adapter>`)
+    as plain transformer weights: rebuilt with the run's adapter (at the scale it trained at),
+    merged by peft's `merge`, the adapter keys dropped."""
+    from diffusers import SD3Transformer2DModel
+
+    from megadiff.models import lora
+    from megadiff.objectives.dmd import FAKE_ADAPTER, GEN_ADAPTER, scale_adapter_in_place
+
+    lc = cfg.dmd.lora_for(net)
+    if net not in ("generator", "fake_score") or lc is None:
+        raise ValueError(f"checkpoint network {net!r} holds LoRA weights but the run's config has no "
+                         f"dmd.lora.{net}: export the run it came from, with its args.json")
+    adapter = GEN_ADAPTER if net == "generator" else FAKE_ADAPTER
+    module = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(base / "transformer"))
+    lora.add_lora(module, lc.rank, lc.alpha, adapter, lc.dropout, lc.targets)
+    if net == "fake_score" and cfg.dmd.fake_adapter_scale != 1.0:
+        scale_adapter_in_place(module, FAKE_ADAPTER, cfg.dmd.fake_adapter_scale)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"LoRA checkpoint of {net} does not match {base}/transformer with the run's "
+                         f"dmd.lora.{net} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for layer in lora.lora_layers(module):
+        layer.merge(adapter_names=[adapter])
+    return {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if ".lora_" not in k}
 
 
 def _base_model_path(run: RunDir, args: dict) -> Path:

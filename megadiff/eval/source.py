@@ -126,11 +126,9 @@ def _side(base: Path, resolution: int | None) -> int:
 
 
 def run_config(run) -> object:
-    from megadiff.config import RunConfig, _build
+    from megadiff.config import load_run_args
 
-    if not run.args.is_file():
-        raise ValueError(f"{run.args} is missing: --run must be a megadiff output directory")
-    return _build(RunConfig, json.loads(run.args.read_text()), "")
+    return load_run_args(run.args)
 
 
 def from_run(run_dir: str | Path, step: int | None, sampler: str | None, steps: int | None,
