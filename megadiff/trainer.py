@@ -337,7 +337,7 @@ class BaseTrainer(Objective):
                              "or optim.grad_clip, then --resume auto")
 
     def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
-        ok = torch.isfinite(loss.detach()).all().float().reshape(1).cpu()
+        ok = torch.isfinite(loss.detach()).all().float().reshape(1).to(self.device)  # NCCL: no CPU tensors
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item())
@@ -365,7 +365,7 @@ class BaseTrainer(Objective):
 
     def _log(self, acc: dict, n: int, grad_norms: dict, elapsed: float, peak: float | None) -> None:
         keys = sorted(acc)
-        vals = torch.tensor([acc[k][0] / acc[k][1] for k in keys], dtype=torch.float64)
+        vals = torch.tensor([acc[k][0] / acc[k][1] for k in keys], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(vals)
             vals /= self.world_size

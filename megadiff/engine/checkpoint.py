@@ -55,6 +55,9 @@ def save(run: RunDir, engines: dict, trainer_state: dict, rng_state: dict, rank:
     if rank == 0 and ckpt.exists():      # left by a crash mid-save; `latest` never named it
         shutil.rmtree(ckpt)
     _barrier()
+    reason = _first_on_any_rank(_cannot_save(run, rank))
+    if reason is not None:               # every rank stops here, before DeepSpeed's collectives
+        raise RunStopped(_save_failed(run, ckpt, reason))
     try:
         for name, engine in engines.items():
             engine.save_checkpoint(str(ckpt), tag=name, save_latest=False)
@@ -63,15 +66,10 @@ def save(run: RunDir, engines: dict, trainer_state: dict, rng_state: dict, rank:
         if rank == 0:
             (ckpt / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     except (OSError, RuntimeError) as e:  # disk full, permissions (torch.save wraps some as RuntimeError)
-        previous = run.latest.read_text().strip() if run.latest.is_file() else None
-        free_mb = shutil.disk_usage(run.checkpoints).free / 2**20
+        message = _save_failed(run, ckpt, str(e).splitlines()[0])
         if rank == 0:
             shutil.rmtree(ckpt, ignore_errors=True)
-        raise RunStopped(f"could not write checkpoint {ckpt} ({str(e).splitlines()[0]}; {free_mb:.0f} MB "
-                         f"free): free space or "
-                         f"fix permissions under {run.checkpoints}, then --resume auto; "
-                         + (f"the previous checkpoint {previous} is intact" if previous
-                            else "no earlier checkpoint exists")) from None
+        raise RunStopped(message) from None
     _barrier()
     if rank == 0:
         run.write_latest(tag)
@@ -79,6 +77,46 @@ def save(run: RunDir, engines: dict, trainer_state: dict, rng_state: dict, rank:
             _prune(run, keep_last)
     _barrier()
     return tag
+
+
+def _cannot_save(run: RunDir, rank: int) -> str | None:
+    """Why this rank could not write the next checkpoint, judged before anything is written: a
+    rank that fails inside DeepSpeed's save leaves the others waiting in its collectives until
+    the launcher or the distributed timeout ends them, so a full or read-only disk is caught
+    here, on every rank at once. The previous checkpoint's size is the next one's."""
+    try:
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        probe = run.checkpoints / f".write-test-rank{rank}"
+        probe.write_bytes(b"megadiff")
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write under {run.checkpoints}: {e.strerror or e}"
+    previous = run.latest_tag()
+    if previous is None:
+        return None
+    need = sum(f.stat().st_size for f in run.tag_dir(previous).rglob("*")
+               if f.is_file() and not any(p.endswith("_universal") for p in f.parts))
+    free = shutil.disk_usage(run.checkpoints).free
+    if free < need:
+        return f"{previous} took {need / 2**20:.1f} MB and {free / 2**20:.1f} MB are free"
+    return None
+
+
+def _first_on_any_rank(reason: str | None) -> str | None:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return reason
+    reasons: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, reason)
+    return next((f"rank {r}: {why}" for r, why in enumerate(reasons) if why is not None), None)
+
+
+def _save_failed(run: RunDir, ckpt: Path, reason: str) -> str:
+    previous = run.latest.read_text().strip() if run.latest.is_file() else None
+    free_mb = shutil.disk_usage(run.checkpoints).free / 2**20 if run.checkpoints.is_dir() else 0.0
+    return (f"could not write checkpoint {ckpt} ({reason}; {free_mb:.0f} MB free): free space or fix "
+            f"permissions under {run.checkpoints} (train.keep_last prunes only after a save), then "
+            "--resume auto; " + (f"the previous checkpoint {previous} is intact" if previous
+                                 else "no earlier checkpoint exists"))
 
 
 def _prune(run: RunDir, keep_last: int) -> None:
