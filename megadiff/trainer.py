@@ -390,8 +390,8 @@ class BaseTrainer(Objective):
                 "data": self.loader.state_dict()}
 
     def save(self) -> str:
-        tag = checkpoint.save(self.run, self.engines, self.trainer_state(),
-                              checkpoint.capture_rng(self.noise_rng), self.rank,
+        rank_state = checkpoint.capture_rng(self.noise_rng) | {"objective": self.rank_state()}
+        tag = checkpoint.save(self.run, self.engines, self.trainer_state(), rank_state, self.rank,
                               self.cfg.train.keep_last)
         self.logger.text(f"saved checkpoint {self.run.tag_dir(tag)}")
         return tag
@@ -406,6 +406,7 @@ class BaseTrainer(Objective):
         self.loader.load_state_dict(state["data"])
         if rng is not None:
             checkpoint.restore_rng(rng, self.noise_rng)
+            self.load_rank_state(rng.get("objective", {}))
         else:   # another rank count: RNG streams cannot carry over, so re-seed by step
             torch.manual_seed(self.cfg.seed * 1000 + self.rank + 7919 * self.step)
             self.noise_rng.manual_seed(self.cfg.seed * 1000 + self.rank + 7919 * self.step)

@@ -26,7 +26,8 @@ OBJECTIVES = {
     "dmdr-srpo": ("tiny-dmdr-cpu", ["objectives=[dmd,srpo]", "dmd.cold_start_steps=3"]),
     "dpo": ("tiny-dpo-cpu", []),
     "dpo-sft": ("tiny-dpo-cpu", ["dpo.sft=true"]),
-    "sdpo": ("tiny-sdpo-cpu", []),
+    # 3 iterations per rollout: the checkpoints at steps 2 and 4 fall inside rollouts
+    "sdpo": ("tiny-sdpo-cpu", ["sdpo.num_steps=3", "sdpo.timesteps_per_update=1"]),
 }
 
 

@@ -33,3 +33,12 @@ class Objective:
     def loss_terms(self, net: str, batch: dict, step: int) -> dict[str, torch.Tensor]:
         """Named scalar loss terms whose sum is back-propagated into `net`'s engine."""
         return {}
+
+    def rank_state(self) -> dict:
+        """This rank's objective state beyond the engines and RNGs (tensors, ints, lists, dicts:
+        what `torch.load(weights_only=True)` reads back), saved beside its RNG state so a
+        resume is exact (e.g. SDPO's rollout buffer)."""
+        return {}
+
+    def load_rank_state(self, state: dict) -> None:
+        """Restore what `rank_state` returned (not called on a resume with another rank count)."""

@@ -31,9 +31,9 @@ Few-step and many-step models alike: K is `sdpo.num_steps` (>= 2: both trajector
 x0_hat_0, so one step has no reward difference; the seed trains 50 steps on sd-turbo and the
 1-step model improves with it).
 
-Rollout buffers live in memory: a run resumed in the middle of a rollout's iterations draws a
-fresh rollout there (choose `train.save_interval` as a multiple of the iterations per rollout for
-bitwise-exact resumes). Iterations that reuse a rollout take no new prompts from the loader.
+Each rank's rollout buffer is saved with its RNG state (`rank_state`), so a run resumed in the
+middle of a rollout's iterations continues on the same rollout, bitwise (a resume with another
+rank count draws fresh ones). Iterations that reuse a rollout take no new prompts from the loader.
 
 Logged (`metric/*`): `reward_first` / `reward_last` (mean weighted reward of the rollouts'
 first and last x0 predictions: the 1-step and K-step samples), `clipfrac`.
@@ -199,6 +199,18 @@ class SDPO(Objective):
         s = self.cfg.sdpo
         cfg_factor = 2 if s.guidance_scale != 1.0 else 1
         return super().flops_per_iteration() * 2 * s.timesteps_per_update * cfg_factor
+
+    # -- the rollout buffer is checkpointed: a resume inside a rollout's iterations is exact ----
+    def rank_state(self) -> dict:
+        held = {slot: {k: v.cpu() if torch.is_tensor(v) else v for k, v in dataclasses.asdict(ro).items()}
+                for slot, ro in self._rollouts.items()}
+        return super().rank_state() | {"sdpo_rollouts": held}
+
+    def load_rank_state(self, state: dict) -> None:
+        super().load_rank_state(state)
+        self._rollouts = {slot: Rollout(**{k: v.to(self.device) if torch.is_tensor(v) else v
+                                           for k, v in ro.items()})
+                          for slot, ro in state.get("sdpo_rollouts", {}).items()}
 
     # -- data: a new prompt batch only when a micro-step starts a rollout --------------------
     def next_batch(self) -> dict:
