@@ -229,6 +229,10 @@ class BaseTrainer(Objective):
         nets = len(self.steps_this_iteration(self.step))
         return per_sample * nets * self.cfg.data.micro_batch_size * self.cfg.data.gradient_accumulation_steps
 
+    def samples_per_iteration(self, step: int) -> int:
+        """Samples iteration `step` takes from the data (the `consumed samples` count)."""
+        return self.global_batch
+
     def sample_latents(self, noise: torch.Tensor, embeds: dict) -> torch.Tensor:
         """Validation sampling; objectives with a few-step generator override this."""
         v = self.cfg.validation
@@ -257,8 +261,8 @@ class BaseTrainer(Objective):
         while self.step < cfg.max_steps:
             for net in self.steps_this_iteration(self.step):
                 grad_norms[f"grad_norm/{net}"] = self._step_network(net, acc)
+            self.consumed_samples += self.samples_per_iteration(self.step)
             self.step += 1
-            self.consumed_samples += self.global_batch
             if self._sample_log is not None:
                 self._write_sample_log()
             n_acc += 1

@@ -156,6 +156,7 @@ def test_tiny_sdpo_under_zero3_rolls_out_every_other_iteration(tiny_model, promp
     assert r.returncode == 0, r.stderr[-3000:]
     recs = read_jsonl(out / "loss_logs" / "train.jsonl")
     assert [x["iteration"] for x in recs] == [1, 2, 3, 4]
+    assert [x["consumed_samples"] for x in recs] == [2, 2, 4, 4]      # 2 new prompts per rollout
     # 4 SDE steps, 2 per update: a rollout (and new prompts) at iterations 1 and 3 only
     for x in recs:
         rolled = x["iteration"] % 2 == 1

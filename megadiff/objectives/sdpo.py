@@ -213,6 +213,9 @@ class SDPO(Objective):
                           for slot, ro in state.get("sdpo_rollouts", {}).items()}
 
     # -- data: a new prompt batch only when a micro-step starts a rollout --------------------
+    def samples_per_iteration(self, step: int) -> int:
+        return self.global_batch if step % self.updates_per_rollout == 0 else 0
+
     def next_batch(self) -> dict:
         if self._micro_step != self.step:
             self._micro_step, self._micro = self.step, 0
