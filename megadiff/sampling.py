@@ -20,6 +20,10 @@ def euler_sample(transformer, noise: torch.Tensor, prompt_embeds: torch.Tensor,
     cfg = guidance_scale != 1.0
     if cfg and neg_embeds is None:
         raise ValueError("guidance_scale != 1 needs negative (empty-prompt) embeddings")
+    # everything on the noise's device (the validation embeddings are kept on the CPU)
+    prompt_embeds, pooled = prompt_embeds.to(x.device), pooled.to(x.device)
+    if cfg:
+        neg_embeds, neg_pooled = neg_embeds.to(x.device), neg_pooled.to(x.device)
     for i in range(num_steps):
         s, s_next = sigmas[i], sigmas[i + 1]
         if cfg:
@@ -27,7 +31,7 @@ def euler_sample(transformer, noise: torch.Tensor, prompt_embeds: torch.Tensor,
             emb, pool = torch.cat([neg_embeds, prompt_embeds]), torch.cat([neg_pooled, pooled])
         else:
             inp, emb, pool = x, prompt_embeds, pooled
-        t = torch.full((inp.shape[0],), float(s) * flow.NUM_TRAIN_TIMESTEPS)
+        t = torch.full((inp.shape[0],), float(s) * flow.NUM_TRAIN_TIMESTEPS, device=x.device)
         v = transformer(hidden_states=inp.to(dtype), encoder_hidden_states=emb.to(dtype),
                         pooled_projections=pool.to(dtype), timestep=t.to(dtype),
                         return_dict=False)[0].float()
