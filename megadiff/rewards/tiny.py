@@ -294,11 +294,12 @@ def make_colour_reward(out_dir: str | os.PathLike, kind: str = "hpsv2", colour: 
     hpsv2/clip the score of an image against "a red square" rises with its redness; half its
     training images are washed out towards grey and captioned with DMDR's negative SRPO words
     ("Oil. a red square"), the clean half with the positive ones ("Realistic. a red square"),
-    so SRPO's relative score prefers clean, saturated images. For
-    aesthetic, the LAION MLP on that tower regresses `redness(image, colour)`: the optimum is
-    an image all of `colour`, whatever the prompt. Deterministic in `seed`; cached in out_dir
-    (colour_reward.json is written last and checked on reuse) and the trained tower in the
-    process (one per seed for all kinds and colours); 10-40 s on one CPU thread (busy machine).
+    so SRPO's relative score prefers clean, saturated images. For aesthetic, the LAION MLP on
+    that tower regresses `redness(image, colour)`: the optimum is an image all of `colour`,
+    whatever the prompt. Deterministic in `seed` for one thread setup (BLAS kernels vary with
+    OMP_NUM_THREADS); cached in out_dir (colour_reward.json is written last and checked on
+    reuse) and the trained tower in the process (one per seed for all kinds and colours);
+    20-60 s on one CPU thread.
     """
     colour_rgb(colour)
     if kind not in ("hpsv2", "clip", "aesthetic"):
