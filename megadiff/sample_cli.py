@@ -65,19 +65,6 @@ def _checkpoint_tag(run, step: int | None) -> str:
     return tag
 
 
-def network_state_dict(run, tag: str, net: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of `net` from a checkpoint written under any ZeRO stage."""
-    d = run.tag_dir(tag) / net
-    if not d.is_dir():
-        raise ValueError(f"{run.tag_dir(tag)} holds no {net!r} network")
-    if any(d.glob("*optim_states.pt")) and any(d.glob("zero_pp_rank_*")):
-        from megadiff.engine.export import consolidated_state_dict
-
-        return consolidated_state_dict(run, tag, net)
-    states = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-    return {k: v.float() for k, v in states["module"].items()}
-
-
 def build_generator(cfg, base: Path, state: dict[str, torch.Tensor]):
     """The generator module as trained (plain MMDiT or MMDiT + LoRA "gen"), with `state` loaded."""
     from megadiff.models import sd3
@@ -153,7 +140,9 @@ def run_sample(args: argparse.Namespace) -> None:
     g_cfg = cfg.dmd.generator
     shift = cfg.flow.shift if g_cfg.shift is None else g_cfg.shift
     sigmas = gen.conditioning_sigmas(steps, shift, g_cfg.sigmas if steps == g_cfg.num_steps else None)
-    generator = _to(build_generator(cfg, base, network_state_dict(run, tag, "generator")), device, dtype)
+    from megadiff.engine.export import consolidated_state_dict
+
+    generator = _to(build_generator(cfg, base, consolidated_state_dict(run, tag, "generator")), device, dtype)
     fn = gen.transformer_velocity(generator, dtype, device)
     renoise_gen = torch.Generator().manual_seed(args.seed + 100_003)
     with torch.no_grad():

@@ -33,7 +33,7 @@ def euler_sample(transformer, noise: torch.Tensor, prompt_embeds: torch.Tensor,
             inp, emb, pool = x, prompt_embeds, pooled
         t = torch.full((inp.shape[0],), float(s) * flow.NUM_TRAIN_TIMESTEPS, device=x.device)
         v = transformer(hidden_states=inp.to(dtype), encoder_hidden_states=emb.to(dtype),
-                        pooled_projections=pool.to(dtype), timestep=t.to(dtype),
+                        pooled_projections=pool.to(dtype), timestep=t,   # fp32, as in training
                         return_dict=False)[0].float()
         if cfg:
             v_u, v_c = v.chunk(2)

@@ -50,17 +50,20 @@ class BaseTrainer(Objective):
         torch.manual_seed(cfg.seed * 1000 + self.rank)
         self.noise_rng = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.device = torch.device(_device_name())
-        self.ds_config = build_ds_config(cfg, self.world_size)
+        self.ds_config = build_ds_config(cfg, self.world_size, _device_supports_fp16())
         if self.resuming and checkpoint.saved_world_size(self.run) != self.world_size:
             self.ds_config["checkpoint"] = {"load_universal": True}   # elastic resume
         self.compute_dtype = sd3.DTYPES[cfg.model.precision]
         self._metrics: dict[str, float] = {}
         self.specs = self.networks()
         self.engines: dict[str, object] = {}
+        self.trainable_params: dict[str, list[str]] = {}
         self.frozen: dict[str, torch.nn.Module] = {}
         for name, spec in self.specs.items():
             module = self.build_network(name, spec)
             if spec.trainable:
+                # the optimizer's parameter order (ZeRO-0 checkpoints keep fp32 masters in it)
+                self.trainable_params[name] = [n for n, p in module.named_parameters() if p.requires_grad]
                 self.engines[name] = build_engine(module, self.ds_config, cfg.optim_for(name),
                                                   cfg.train.max_steps)
             else:
@@ -86,7 +89,12 @@ class BaseTrainer(Objective):
         # Each rank's device must be set before anything (frozen nets, batches) is placed on it;
         # deepspeed.initialize would set it only later, leaving every rank on device 0.
         if get_accelerator().device_name() != "cpu":
-            get_accelerator().set_device(self.dist_env.local_rank)
+            local, visible = self.dist_env.local_rank, get_accelerator().device_count()
+            if local >= visible:
+                raise ValueError(f"local rank {local} but this process sees {visible} GPU(s): launch so that "
+                                 "every rank sees all of its node's GPUs (e.g. srun --gpu-bind=none, no "
+                                 "per-task CUDA_VISIBLE_DEVICES); megadiff picks the GPU by local rank")
+            get_accelerator().set_device(local)
         if not dist.is_initialized():
             deepspeed.init_distributed(verbose=False,
                                        timeout=timedelta(minutes=self.cfg.train.dist_timeout_minutes))
@@ -391,7 +399,7 @@ class BaseTrainer(Objective):
         return {"step": self.step, "consumed_samples": self.consumed_samples,
                 "skipped": self.skipped, "world_size": self.world_size,
                 "global_batch": self.global_batch, "networks": sorted(self.engines),
-                "data": self.loader.state_dict()}
+                "trainable_params": self.trainable_params, "data": self.loader.state_dict()}
 
     def save(self) -> str:
         rank_state = checkpoint.capture_rng(self.noise_rng) | {"objective": self.rank_state()}
@@ -414,6 +422,12 @@ class BaseTrainer(Objective):
         else:   # another rank count: RNG streams cannot carry over, so re-seed by step
             torch.manual_seed(self.cfg.seed * 1000 + self.rank + 7919 * self.step)
             self.noise_rng.manual_seed(self.cfg.seed * 1000 + self.rank + 7919 * self.step)
+
+
+def _device_supports_fp16() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() != "cpu" and get_accelerator().is_fp16_supported()
 
 
 def _device_name() -> str:

@@ -147,7 +147,8 @@ def test_lora_generator_and_fake_base_real_score_under_zero3(tiny_model, tiny_sh
     from megadiff.config import load_config
     from megadiff.engine.run_dir import RunDir
     from megadiff.registry import compose_trainer
-    from megadiff.sample_cli import build_generator, network_state_dict
+    from megadiff.engine.export import consolidated_state_dict
+    from megadiff.sample_cli import build_generator
 
     cfg = load_config("tiny-dmd-cpu", _overrides(
         tiny_model, tiny_shards, "dmd.lora={generator: {rank: 4, alpha: 8}, fake_score: {rank: 4, alpha: 4}}",
@@ -173,7 +174,7 @@ def test_lora_generator_and_fake_base_real_score_under_zero3(tiny_model, tiny_sh
     assert changed and all("lora_" in k for k in changed)          # the base stays the teacher
     tr.step = 1
     tag = tr.save()
-    rebuilt = build_generator(cfg, tiny_model, network_state_dict(RunDir(tmp_path / "run"), tag, "generator"))
+    rebuilt = build_generator(cfg, tiny_model, consolidated_state_dict(RunDir(tmp_path / "run"), tag, "generator"))
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     batch = tr.next_batch()
     emb, pooled = batch["prompt_embeds"][:2], batch["pooled_prompt_embeds"][:2]

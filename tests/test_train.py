@@ -120,6 +120,34 @@ def test_validation_samples_are_written(zero3_run):
     assert [Image.open(step / f"00{i}.png").size for i in range(4)] == [(64, 64)] * 4
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_export_of_a_zero0_run_gives_its_fp32_weights(precision, tiny_model, tiny_shards, tmp_path):
+    """ZeRO-0 writes one full model file that DeepSpeed's zero_to_fp32 cannot read; the export
+    takes the module's weights, or under bf16 the optimizer's fp32 masters, which round to
+    exactly the module's bf16 weights (so each master went to the right parameter)."""
+    from diffusers import SD3Transformer2DModel
+
+    from megadiff.engine.safe_load import load_plain
+
+    out = tmp_path / "run"
+    train(tiny_model, tiny_shards, out, "deepspeed.config=zero0", f"model.precision={precision}",
+          "train.max_steps=2", "train.save_interval=2")
+    r = run_cli(["export", "--run", str(out), "--to", str(tmp_path / "export")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    exported = SD3Transformer2DModel.from_pretrained(tmp_path / "export" / "transformer").state_dict()
+    module = load_plain(out / "checkpoints" / "step-2" / "transformer" / "mp_rank_00_model_states.pt")["module"]
+    base = SD3Transformer2DModel.from_pretrained(tiny_model, subfolder="transformer").state_dict()
+    assert exported.keys() == base.keys()
+    assert any(not torch.equal(exported[k], base[k].float()) for k in base)          # trained
+    weights = [k for k in module if module[k].dtype == torch.bfloat16]
+    if precision == "fp32":
+        assert not weights and all(torch.equal(exported[k], module[k]) for k in exported)
+    else:
+        assert len(weights) > 50
+        assert all(torch.equal(exported[k].bfloat16(), module[k]) for k in weights)
+        assert any(not torch.equal(exported[k], module[k].float()) for k in weights)  # not the rounded copy
+
+
 def test_export_loads_in_stable_diffusion3_pipeline(zero3_run, tiny_model, tmp_path):
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 

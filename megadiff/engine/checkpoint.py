@@ -27,13 +27,18 @@ def tag_for(step: int) -> str:
 
 def capture_rng(noise_rng: torch.Generator) -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "noise": noise_rng.get_state(),
-            "python": random.getstate(),
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    state = {"torch": torch.get_rng_state(), "noise": noise_rng.get_state(),
+             "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():   # this rank's GPU stream (dropout)
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def restore_rng(state: dict, noise_rng: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     noise_rng.set_state(state["noise"])
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     kind, keys, pos, has_gauss, gauss = state["numpy"]

@@ -31,7 +31,27 @@ def consolidated_state_dict(run: RunDir, tag: str, net: str) -> dict[str, torch.
     if not (ckpt / net).is_dir():
         raise ValueError(f"{ckpt} holds no {net!r} network: nothing to export")
     check_checkpoint_dir(ckpt / net)       # DeepSpeed's reader unpickles in full
+    if not any((ckpt / net).glob("*zero_pp_rank_*")):
+        return _zero0_state_dict(ckpt, net)
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=net)
+
+
+def _zero0_state_dict(ckpt: Path, net: str) -> dict[str, torch.Tensor]:
+    """ZeRO-0 writes one full copy (DeepSpeed's zero_to_fp32 does not read it): the module's
+    weights, which in bf16 are the optimizer's fp32 masters (`fp32_groups`, one tensor per
+    trainable parameter in the order `trainer_state.json` records) rounded."""
+    from megadiff.engine.safe_load import load_plain
+
+    states = load_plain(ckpt / net / "mp_rank_00_model_states.pt")
+    weights = {k: v.float() for k, v in states["module"].items()}
+    masters = [t for group in (states.get("optimizer") or {}).get("fp32_groups", []) for t in group]
+    names = json.loads((ckpt / "trainer_state.json").read_text()).get("trainable_params", {}).get(net)
+    if masters and names is not None:      # older checkpoints lack the names: the rounded weights
+        assert len(names) == len(masters), (net, len(names), len(masters))
+        for name, master in zip(names, masters):
+            assert weights[name].shape == master.shape, name
+            weights[name] = master.float()
+    return weights
 
 
 def export_run(run_dir: str | Path, to: str | Path, step: int | None = None,

@@ -43,6 +43,12 @@ def check_file(path: Path) -> None:
                          "or delete that checkpoint and use an earlier one") from None
 
 
+def load_plain(path: Path):
+    """A DeepSpeed state file read with the restricted unpickler only (tensors on the CPU)."""
+    with torch.serialization.safe_globals(_deepspeed_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def check_checkpoint_dir(path: Path) -> None:
     """Check every `.pt` file under a checkpoint directory (engine states, RNG, universal)."""
     for f in sorted(Path(path).rglob("*.pt")):

@@ -70,10 +70,11 @@ class Source:
 
         if self.kind == "model":
             return sd3.load_transformer(self.base, torch.float32).eval().requires_grad_(False)
+        from megadiff.engine.export import consolidated_state_dict
         from megadiff.engine.run_dir import RunDir
-        from megadiff.sample_cli import build_generator, network_state_dict
+        from megadiff.sample_cli import build_generator
 
-        state = network_state_dict(RunDir(self.path), self.tag, self.net)
+        state = consolidated_state_dict(RunDir(self.path), self.tag, self.net)
         if self.net == "generator":
             return build_generator(self._cfg, self.base, state)
         module = sd3.load_transformer(self.base, torch.float32)

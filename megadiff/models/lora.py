@@ -33,7 +33,7 @@ def add_lora(transformer: nn.Module, rank: int, alpha: float, name: str = "defau
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                      target_modules=list(targets or DEFAULT_TARGETS), init_lora_weights=True)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)     # CPU only: GPU streams stay per rank
         transformer.add_adapter(cfg, adapter_name=name)
     names = list(transformer.peft_config)
     if len(names) > 1:          # keep every adapter active; switching is done by scale

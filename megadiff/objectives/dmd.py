@@ -304,7 +304,7 @@ class DMD(Objective):
         if name == "fake_score" and d.gan.enabled:
             block = gan.default_block(module.config.num_layers) if d.gan.block is None else d.gan.block
             with torch.random.fork_rng(devices=[]):     # the same head on every rank
-                torch.manual_seed(seed * 7919 + 3)
+                torch.random.default_generator.manual_seed(seed * 7919 + 3)   # CPU only: GPU streams stay per rank
                 module = gan.ScoreWithHead(module, block, d.gan.head_channels)
         return module
 
@@ -429,7 +429,7 @@ class DMD(Objective):
         # (differently after a resume): seed it from this run's own noise stream instead.
         seed = int(torch.randint(2**62, (1,), generator=self.noise_rng))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)
             return torch.distributions.Beta(a, b).sample((n,)).clamp(1e-4, 1.0).to(self.device)
 
     def _dm_sigmas(self, n: int, step: int, tag: str) -> torch.Tensor:
