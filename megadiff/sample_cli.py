@@ -68,14 +68,10 @@ def _checkpoint_tag(run, step: int | None) -> str:
 def build_generator(cfg, base: Path, state: dict[str, torch.Tensor]):
     """The generator module as trained (plain MMDiT or MMDiT + LoRA "gen"), with `state` loaded."""
     from megadiff.models import sd3
-    from megadiff.objectives.dmd import GEN_ADAPTER
+    from megadiff.objectives.dmd import add_dmd_adapter
 
     module = sd3.load_transformer(base, torch.float32)
-    lc = cfg.dmd.lora_for("generator")
-    if lc is not None:
-        from megadiff.models import lora
-
-        lora.add_lora(module, lc.rank, lc.alpha, GEN_ADAPTER, lc.dropout, lc.targets)
+    add_dmd_adapter(module, cfg.dmd, "generator")
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"the generator checkpoint does not match {base}/transformer "

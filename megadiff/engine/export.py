@@ -113,17 +113,13 @@ def merged_lora_state(state: dict[str, torch.Tensor], cfg: RunConfig, net: str,
     from diffusers import SD3Transformer2DModel
 
     from megadiff.models import lora
-    from megadiff.objectives.dmd import FAKE_ADAPTER, GEN_ADAPTER, scale_adapter_in_place
+    from megadiff.objectives.dmd import add_dmd_adapter
 
-    lc = cfg.dmd.lora_for(net)
-    if net not in ("generator", "fake_score") or lc is None:
+    module = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(base / "transformer"))
+    adapter = add_dmd_adapter(module, cfg.dmd, net) if net in ("generator", "fake_score") else None
+    if adapter is None:
         raise ValueError(f"checkpoint network {net!r} holds LoRA weights but the run's config has no "
                          f"dmd.lora.{net}: export the run it came from, with its args.json")
-    adapter = GEN_ADAPTER if net == "generator" else FAKE_ADAPTER
-    module = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(base / "transformer"))
-    lora.add_lora(module, lc.rank, lc.alpha, adapter, lc.dropout, lc.targets)
-    if net == "fake_score" and cfg.dmd.fake_adapter_scale != 1.0:
-        scale_adapter_in_place(module, FAKE_ADAPTER, cfg.dmd.fake_adapter_scale)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"LoRA checkpoint of {net} does not match {base}/transformer with the run's "

@@ -91,6 +91,7 @@ import torch.nn.functional as F
 
 from megadiff import flow
 from megadiff import generator as gen
+from megadiff.config import DMDConfig
 from megadiff.objectives import gan
 from megadiff.models import lora as lora_mod
 from megadiff.objectives.base import NetSpec, Objective
@@ -228,6 +229,20 @@ def dynamic_beta(ab: tuple[float, float], step: int, span: int) -> tuple[float, 
     return 1.0 + (ab[0] - 1.0) * c, 1.0 + (ab[1] - 1.0) * c
 
 
+def add_dmd_adapter(module: torch.nn.Module, d: DMDConfig, net: str, seed: int = 0) -> str | None:
+    """Put the LoRA adapter `dmd.lora.<net>` asks for on `module` (generator: "gen", fake score:
+    "gui" at `dmd.fake_adapter_scale`), trainable alone; returns its name (None: full rank)."""
+    lc = d.lora_for(net)
+    if lc is None:
+        return None
+    adapter = GEN_ADAPTER if net == "generator" else FAKE_ADAPTER
+    module.requires_grad_(False)
+    lora_mod.add_lora(module, lc.rank, lc.alpha, adapter, lc.dropout, lc.targets, seed=seed)
+    if net == "fake_score" and d.fake_adapter_scale != 1.0:
+        scale_adapter_in_place(module, FAKE_ADAPTER, d.fake_adapter_scale)
+    return adapter
+
+
 def scale_adapter_in_place(module: torch.nn.Module, name: str, factor: float) -> None:
     """Multiply adapter `name`'s LoRA scaling by `factor` for good (no parameter changes)."""
     for layer in lora_mod.lora_layers(module):
@@ -290,17 +305,8 @@ class DMD(Objective):
         module = super().build_network(name, spec)
         if name not in ("generator", "fake_score"):
             return module
-        from megadiff.models import lora
-
         d, seed = self.cfg.dmd, self.cfg.seed
-        lc = d.lora_for(name)
-        if lc is not None:
-            adapter = GEN_ADAPTER if name == "generator" else FAKE_ADAPTER
-            module.requires_grad_(False)
-            lora.add_lora(module, lc.rank, lc.alpha, adapter, lc.dropout, lc.targets,
-                          seed=seed * 7919 + (1 if name == "generator" else 2))
-            if name == "fake_score" and d.fake_adapter_scale != 1.0:
-                scale_adapter_in_place(module, FAKE_ADAPTER, d.fake_adapter_scale)
+        add_dmd_adapter(module, d, name, seed=seed * 7919 + (1 if name == "generator" else 2))
         if name == "fake_score" and d.gan.enabled:
             block = gan.default_block(module.config.num_layers) if d.gan.block is None else d.gan.block
             with torch.random.fork_rng(devices=[]):     # the same head on every rank
